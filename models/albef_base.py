@@ -1,0 +1,130 @@
+"""What every ALBEF variant shares (paper section 3): building the encoders, momentum pairs
+(MoCo-style EMA, spec 5), the feature queues and their cross-rank gather, and the ITC,
+hard-negative and MLM-masking helpers."""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.vit import vit_from_config
+from models.xbert import BertConfig
+
+
+def load_bert_config(config):
+    """`config['bert_config']`: a path to a BERT JSON config, a dict, or a BertConfig."""
+    bert_config = config['bert_config']
+    if isinstance(bert_config, BertConfig):
+        return bert_config.copy()
+    if isinstance(bert_config, dict):
+        return BertConfig.from_dict(bert_config)
+    return BertConfig.from_json_file(bert_config)
+
+
+def build_text_model(cls, bert_config, text_encoder=None, **kwargs):
+    """A BERT module of class `cls`: random (text_encoder=None) or from pretrained weights."""
+    if text_encoder:
+        return cls.from_pretrained(text_encoder, config=bert_config, **kwargs)
+    return cls(bert_config, **kwargs)
+
+
+@torch.no_grad()
+def concat_all_gather(tensor):
+    """Concatenate `tensor` from every rank along dim 0 (identity in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+def itc_loss(sim, targets):
+    """Cross-entropy of similarity rows against (soft) target distributions."""
+    return -(F.log_softmax(sim, dim=1) * targets).sum(dim=1).mean()
+
+
+def sample_negatives(weights):
+    """One index per row of `weights`, drawn row by row.
+
+    NOTE(faithful): one multinomial call per sample, in row order, so the draws follow the
+    original's random-number stream.
+    """
+    return torch.stack([torch.multinomial(w, 1)[0] for w in weights])
+
+
+def mask_tokens(input_ids, vocab_size, tokenizer, mlm_probability, targets=None,
+                masked_indices=None, probability_matrix=None):
+    """BERT masking (80% [MASK], 10% random token, 10% unchanged) of a copy of `input_ids`.
+
+    Returns (masked_ids, targets) on the device of `input_ids`; targets are -100 where nothing
+    is predicted. NOTE(faithful): every draw covers the full (B, L) shape and comes from the CPU
+    generator in the original order (selection, replace, random, random ids), whatever the
+    device, so masking is identical on CPU and GPU.
+    """
+    device = input_ids.device
+    ids = input_ids.detach().to('cpu', copy=True)
+    if probability_matrix is None:
+        probability_matrix = torch.full(ids.shape, mlm_probability)
+    if masked_indices is None:
+        masked_indices = torch.bernoulli(probability_matrix).bool()
+    masked_indices = masked_indices.cpu().clone()
+    masked_indices[ids == tokenizer.pad_token_id] = False
+    masked_indices[ids == tokenizer.cls_token_id] = False
+    if targets is not None:
+        targets = targets.detach().to('cpu', copy=True)
+        targets[~masked_indices] = -100
+    replaced = torch.bernoulli(torch.full(ids.shape, 0.8)).bool() & masked_indices
+    ids[replaced] = tokenizer.mask_token_id
+    randomised = torch.bernoulli(torch.full(ids.shape, 0.5)).bool() & masked_indices & ~replaced
+    random_words = torch.randint(vocab_size, ids.shape, dtype=torch.long)
+    ids[randomised] = random_words[randomised]
+    ids = ids.to(device)
+    return (ids, targets.to(device)) if targets is not None else ids
+
+
+class ALBEFBase(nn.Module):
+    """Momentum-pair bookkeeping and the ViT builder for the ALBEF model classes."""
+
+    model_pairs: list
+
+    @staticmethod
+    def build_visual_encoder(config):
+        return vit_from_config(config)
+
+    def momentum_parameter_pairs(self):
+        for model, model_m in self.model_pairs:
+            yield from zip(model.parameters(), model_m.parameters())
+
+    @torch.no_grad()
+    def copy_params(self):
+        for param, param_m in self.momentum_parameter_pairs():
+            param_m.data.copy_(param.data)
+            param_m.requires_grad = False
+
+    @torch.no_grad()
+    def _momentum_update(self):
+        # NOTE(faithful): p_m * m + p * (1 - m) as two products and a sum (not lerp).
+        for param, param_m in self.momentum_parameter_pairs():
+            param_m.data = param_m.data * self.momentum + param.data * (1.0 - self.momentum)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, image_feat, text_feat, idx=None):
+        """Write the gathered momentum features (and image ids) into the queues at the pointer."""
+        image_feats = concat_all_gather(image_feat)
+        text_feats = concat_all_gather(text_feat)
+        batch_size = image_feats.shape[0]
+        ptr = int(self.queue_ptr)
+        if self.queue_size % batch_size != 0:
+            raise ValueError(f'queue_size {self.queue_size} is not a multiple of the global '
+                             f'batch size {batch_size}')
+        self.image_queue[:, ptr:ptr + batch_size] = image_feats.T
+        self.text_queue[:, ptr:ptr + batch_size] = text_feats.T
+        if idx is not None:
+            self.idx_queue[:, ptr:ptr + batch_size] = concat_all_gather(idx).T
+        self.queue_ptr[0] = (ptr + batch_size) % self.queue_size
+
+    def register_queues(self, embed_dim, queue_size, with_idx=False):
+        self.register_buffer('image_queue', F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.register_buffer('text_queue', F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        if with_idx:
+            self.register_buffer('idx_queue', torch.full((1, queue_size), -100))
+        self.register_buffer('queue_ptr', torch.zeros(1, dtype=torch.long))

@@ -1,0 +1,164 @@
+"""ALBEF pre-training model (paper section 3): image-text contrastive learning (ITC) with
+momentum distillation and feature queues, image-text matching (ITM) with hard negatives, and
+masked language modelling (MLM) with momentum distillation. Spec section 6.1."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.albef_base import (ALBEFBase, build_text_model, itc_loss, load_bert_config,
+                               mask_tokens, sample_negatives)
+from models.pretrained import load_deit_weights
+from models.xbert import BertForMaskedLM
+
+
+class ALBEF(ALBEFBase):
+    def __init__(self, text_encoder=None, tokenizer=None, config=None, temp=0.07, init_deit=True):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.mlm_probability = config['mlm_probability']
+        embed_dim = config['embed_dim']
+        self.queue_size = config['queue_size']
+        self.momentum = config['momentum']
+
+        self.visual_encoder = self.build_visual_encoder(config)
+        if init_deit:
+            load_deit_weights(self.visual_encoder, init_deit)
+        vision_width = self.visual_encoder.embed_dim
+        bert_config = load_bert_config(config)
+        self.text_encoder = build_text_model(BertForMaskedLM, bert_config, text_encoder)
+        text_width = self.text_encoder.config.hidden_size
+        self.vision_proj = nn.Linear(vision_width, embed_dim)
+        self.text_proj = nn.Linear(text_width, embed_dim)
+        self.temp = nn.Parameter(torch.ones([]) * config['temp'])
+        self.itm_head = nn.Linear(text_width, 2)
+
+        # Momentum encoders; their weights are overwritten by copy_params().
+        self.visual_encoder_m = self.build_visual_encoder(config)
+        self.vision_proj_m = nn.Linear(vision_width, embed_dim)
+        self.text_encoder_m = BertForMaskedLM(bert_config)
+        self.text_proj_m = nn.Linear(text_width, embed_dim)
+        self.model_pairs = [[self.visual_encoder, self.visual_encoder_m],
+                            [self.vision_proj, self.vision_proj_m],
+                            [self.text_encoder, self.text_encoder_m],
+                            [self.text_proj, self.text_proj_m]]
+        self.copy_params()
+        self.register_queues(embed_dim, self.queue_size)
+
+    def forward(self, image, text, alpha=0):
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        image_embeds, image_feat, text_embeds, text_feat = self.encode(image, text)
+        image_feat_m, text_feat_m, image_embeds_m = self.momentum_features(image, text)
+        loss_ita, sim_i2t, sim_t2i = self.forward_itc(image_feat, text_feat, image_feat_m,
+                                                      text_feat_m, alpha)
+        self._dequeue_and_enqueue(image_feat_m, text_feat_m)
+        loss_itm = self.forward_itm(image_embeds, text_embeds, text.attention_mask, sim_i2t, sim_t2i)
+        loss_mlm = self.forward_mlm(text.input_ids, text.attention_mask, image_embeds,
+                                    image_embeds_m, alpha)
+        return loss_mlm, loss_ita, loss_itm
+
+    def encode(self, image, text):
+        """Unimodal encodings: token sequences and normalised [CLS] features."""
+        image_embeds = self.visual_encoder(image)  # (B, N, Dv)
+        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)  # (B, E)
+        text_embeds = self.text_encoder.bert(text.input_ids, attention_mask=text.attention_mask,
+                                             return_dict=True, mode='text').last_hidden_state
+        text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)  # (B, E)
+        return image_embeds, image_feat, text_embeds, text_feat
+
+    @torch.no_grad()
+    def momentum_features(self, image, text):
+        # NOTE(faithful): the EMA step runs here, before the teacher forward, every call.
+        self._momentum_update()
+        image_embeds_m = self.visual_encoder_m(image)
+        image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
+        text_out_m = self.text_encoder_m.bert(text.input_ids, attention_mask=text.attention_mask,
+                                              return_dict=True, mode='text')
+        text_feat_m = F.normalize(self.text_proj_m(text_out_m.last_hidden_state[:, 0]), dim=-1)
+        return image_feat_m, text_feat_m, image_embeds_m
+
+    def itc_similarities(self, image_feat, text_feat, image_feat_m, text_feat_m):
+        """Online rows against [batch momentum features | queue] columns, and the teacher's."""
+        image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
+        text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+        sim_i2t = image_feat @ text_feat_all / self.temp  # (B, B + Q)
+        sim_t2i = text_feat @ image_feat_all / self.temp
+        with torch.no_grad():
+            sim_i2t_m = image_feat_m @ text_feat_all / self.temp
+            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
+        return sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m
+
+    def forward_itc(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha):
+        sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m = self.itc_similarities(
+            image_feat, text_feat, image_feat_m, text_feat_m)
+        with torch.no_grad():
+            sim_targets = torch.zeros_like(sim_i2t_m)
+            sim_targets.fill_diagonal_(1)
+            sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
+            sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
+        loss_ita = (itc_loss(sim_i2t, sim_i2t_targets) + itc_loss(sim_t2i, sim_t2i_targets)) / 2
+        return loss_ita, sim_i2t, sim_t2i
+
+    def fusion(self, text_embeds, text_atts, image_embeds):
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        return self.text_encoder.bert(encoder_embeds=text_embeds, attention_mask=text_atts,
+                                      encoder_hidden_states=image_embeds,
+                                      encoder_attention_mask=image_atts, return_dict=True,
+                                      mode='fusion').last_hidden_state
+
+    @torch.no_grad()
+    def negative_weights(self, sim_i2t, sim_t2i):
+        bs = sim_i2t.size(0)
+        weights_i2t = F.softmax(sim_i2t[:, :bs], dim=1)
+        weights_t2i = F.softmax(sim_t2i[:, :bs], dim=1)
+        weights_i2t.fill_diagonal_(0)
+        weights_t2i.fill_diagonal_(0)
+        return weights_i2t, weights_t2i
+
+    def forward_itm(self, image_embeds, text_embeds, text_atts, sim_i2t=None, sim_t2i=None,
+                    neg_img_idx=None, neg_txt_idx=None):
+        """ITM on B positives and 2B hard negatives. Negatives are drawn from the ITC
+        similarities unless given as indices (neg_img_idx: an image for each text;
+        neg_txt_idx: a text for each image)."""
+        bs = image_embeds.size(0)
+        output_pos = self.fusion(text_embeds, text_atts, image_embeds)
+        if neg_img_idx is None or neg_txt_idx is None:
+            weights_i2t, weights_t2i = self.negative_weights(sim_i2t, sim_t2i)
+            neg_img_idx = sample_negatives(weights_t2i)  # NOTE(faithful): texts first
+            neg_txt_idx = sample_negatives(weights_i2t)
+        image_embeds_neg = image_embeds[neg_img_idx]
+        text_embeds_neg, text_atts_neg = text_embeds[neg_txt_idx], text_atts[neg_txt_idx]
+        text_embeds_all = torch.cat([text_embeds, text_embeds_neg], dim=0)  # (2B, L, D)
+        text_atts_all = torch.cat([text_atts, text_atts_neg], dim=0)
+        image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)
+        output_neg = self.fusion(text_embeds_all, text_atts_all, image_embeds_all)
+        vl_embeddings = torch.cat([output_pos[:, 0], output_neg[:, 0]], dim=0)  # (3B, D)
+        vl_output = self.itm_head(vl_embeddings)
+        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long),
+                                torch.zeros(2 * bs, dtype=torch.long)]).to(image_embeds.device)
+        return F.cross_entropy(vl_output, itm_labels)
+
+    def mask(self, input_ids, vocab_size, device, targets=None, masked_indices=None,
+             probability_matrix=None):
+        out = mask_tokens(input_ids, vocab_size, self.tokenizer, self.mlm_probability, targets,
+                          masked_indices, probability_matrix)
+        return tuple(t.to(device) for t in out) if targets is not None else out.to(device)
+
+    def forward_mlm(self, input_ids, text_atts, image_embeds, image_embeds_m, alpha,
+                    masked_ids=None, labels=None):
+        """MLM conditioned on the image, with the momentum model's predictions as soft labels."""
+        if masked_ids is None:
+            masked_ids, labels = self.mask(input_ids, self.text_encoder.config.vocab_size,
+                                           image_embeds.device, targets=input_ids.clone())
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        with torch.no_grad():
+            logits_m = self.text_encoder_m(masked_ids, attention_mask=text_atts,
+                                           encoder_hidden_states=image_embeds_m,
+                                           encoder_attention_mask=image_atts, return_dict=True,
+                                           return_logits=True)
+        mlm_output = self.text_encoder(masked_ids, attention_mask=text_atts,
+                                       encoder_hidden_states=image_embeds,
+                                       encoder_attention_mask=image_atts, return_dict=True,
+                                       labels=labels, soft_labels=F.softmax(logits_m, dim=-1),
+                                       alpha=alpha)
+        return mlm_output.loss
