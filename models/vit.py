@@ -84,7 +84,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(p=drop_rate)
-        drop_path = torch.linspace(0, drop_path_rate, depth).tolist()
+        drop_path = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth decay
         self.blocks = nn.ModuleList([
             Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                   proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=drop_path[i],
