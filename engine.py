@@ -1,0 +1,79 @@
+"""The training epoch every task script shares (spec sections 7 and 8): forward through a
+script-supplied `train_step`, summed named losses, AdamW step, the epoch-0 alpha ramp and LR
+warm-up, and metric logging."""
+import contextlib
+import logging
+import math
+
+import torch
+
+from utils import MetricLogger, SmoothedValue
+
+logger = logging.getLogger(__name__)
+
+# NOTE(faithful): in epoch 0 the scheduler's warm-up time advances in units of 100 iterations.
+WARMUP_STEP_SIZE = 100
+
+
+def autocast_context(precision, device):
+    """Mixed precision from the config's `precision`: 'fp32' (the original's, default) or 'bf16'."""
+    if precision == 'fp32':
+        return contextlib.nullcontext()
+    if precision == 'bf16':
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    raise ValueError(f"config key 'precision': {precision!r} is not supported; allowed: 'fp32', 'bf16'")
+
+
+def train_one_epoch(model, data_loader, optimizer, lr_scheduler, epoch, device, config, train_step,
+                    *, warmup_steps, warm_up=True, print_freq=50, header=None, stats_fmt='{:.3f}'):
+    """Train `model` for one pass over `data_loader`; return the epoch averages of the meters.
+
+    train_step(model, batch, alpha) -> {loss name: scalar tensor} moves the batch to the device,
+    runs the model and names its losses (e.g. loss_mlm, loss_ita, loss_itm); they are summed
+    with equal weights. alpha is config['alpha'] (None if the config has none), ramped linearly
+    from 0 over epoch 0 when `warm_up`. `warmup_steps` is in iterations:
+    100 * schedular.warmup_epochs. The scripts step the scheduler per epoch (and call the
+    sampler's set_epoch) themselves.
+
+    Returns {name: average}, formatted with `stats_fmt` as the original's log.txt ('{:.3f}'
+    strings; NLVR and VE used '{:.4f}'); stats_fmt=None gives floats.
+    """
+    model.train()
+    metric_logger = MetricLogger(delimiter='  ')
+    metric_logger.add_meter('lr', SmoothedValue(window_size=50, fmt='{value:.6f}'))
+    header = header or f'Train Epoch: [{epoch}]'
+    num_batches = len(data_loader)
+    alpha_max = config.get('alpha')  # None for tasks without distillation (TA pre-training)
+    precision = config.get('precision', 'fp32')
+
+    for i, batch in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+        alpha = alpha_max
+        if epoch == 0 and warm_up and alpha_max is not None:
+            alpha = alpha_max * min(1, i / num_batches)
+
+        optimizer.zero_grad()
+        with autocast_context(precision, device):
+            losses = train_step(model, batch, alpha)
+        if not isinstance(losses, dict) or not losses:
+            raise TypeError(f'train_step must return a non-empty dict of named losses, got {losses!r}')
+        loss = sum(losses.values())
+        values = {name: value.item() for name, value in losses.items()}
+        if not math.isfinite(sum(values.values())):
+            detail = ', '.join(f'{name}={value}' for name, value in values.items())
+            raise FloatingPointError(f'non-finite loss in epoch {epoch}, iteration {i}: {detail}')
+        loss.backward()
+        optimizer.step()
+
+        for name in values:
+            if name not in metric_logger.meters:
+                metric_logger.add_meter(name, SmoothedValue(window_size=50, fmt='{value:.4f}'))
+        metric_logger.update(lr=optimizer.param_groups[0]['lr'], **values)
+
+        # NOTE(faithful): warm-up is stepped after the optimiser step, every 100 iterations,
+        # so iterations 0..100 run at warmup_lr.
+        if epoch == 0 and i % WARMUP_STEP_SIZE == 0 and i <= warmup_steps:
+            lr_scheduler.step(i // WARMUP_STEP_SIZE)
+
+    metric_logger.synchronize_between_processes()
+    logger.info('Averaged stats: %s', metric_logger.global_avg())
+    return metric_logger.global_avg(stats_fmt)

@@ -1,0 +1,104 @@
+"""The learning-rate schedule ALBEF uses: linear warm-up, then one cosine cycle (spec section 7).
+
+The original built timm's CosineLRScheduler (t_mul 1, cycle_limit 1, warmup_prefix True, no
+noise); this is that schedule and nothing else. `t` is in epochs, except in epoch 0 where the
+engine steps it in units of 100 iterations (see engine.train_one_epoch).
+"""
+import math
+
+_ALLOWED_KEYS = ('sched', 'lr', 'epochs', 'min_lr', 'warmup_lr', 'warmup_epochs',
+                 'decay_rate', 'cooldown_epochs')
+_STATE_KEYS = ('base_lrs', 'epochs', 'min_lr', 'warmup_lr', 'warmup_epochs', 'last_t')
+
+
+def cosine_lr(t, base_lr, *, epochs, min_lr, warmup_lr, warmup_epochs):
+    """LR at time `t`: linear from warmup_lr to base_lr over warmup_epochs, then cosine from
+    base_lr to min_lr over `epochs` (time counted after the warm-up), then min_lr."""
+    if t < warmup_epochs:
+        return warmup_lr + t * (base_lr - warmup_lr) / warmup_epochs
+    t = t - warmup_epochs
+    if t < epochs:
+        return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * t / epochs))
+    # NOTE(faithful): decay_rate would only scale later cycles, and there is one cycle.
+    return min_lr
+
+
+class CosineLRScheduler:
+    """Sets the LR of every optimiser group to cosine_lr(t) on `step(t)`.
+
+    The base LR of each group is its `lr` when the scheduler is built (kept as `initial_lr` in
+    the group, so a loaded optimiser state keeps the right base).
+    """
+
+    def __init__(self, optimizer, *, epochs, min_lr, warmup_lr, warmup_epochs):
+        if epochs <= 0:
+            raise ValueError(f'schedular.epochs must be positive, got {epochs}')
+        if warmup_epochs < 0:
+            raise ValueError(f'schedular.warmup_epochs must be >= 0, got {warmup_epochs}')
+        self.optimizer = optimizer
+        for group in optimizer.param_groups:
+            group.setdefault('initial_lr', group['lr'])
+        self.base_lrs = [group['initial_lr'] for group in optimizer.param_groups]
+        self.epochs, self.min_lr = epochs, min_lr
+        self.warmup_lr, self.warmup_epochs = warmup_lr, warmup_epochs
+        self.last_t = None
+        if warmup_epochs:
+            self._set_lrs([warmup_lr] * len(self.base_lrs))
+
+    def lr_at(self, t):
+        """The LR of each group at time `t` (no side effect)."""
+        return [cosine_lr(t, base_lr, epochs=self.epochs, min_lr=self.min_lr,
+                          warmup_lr=self.warmup_lr, warmup_epochs=self.warmup_epochs)
+                for base_lr in self.base_lrs]
+
+    def step(self, t):
+        self.last_t = t
+        self._set_lrs(self.lr_at(t))
+
+    def _set_lrs(self, lrs):
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group['lr'] = lr
+
+    def state_dict(self):
+        return {key: getattr(self, key) for key in _STATE_KEYS}
+
+    def load_state_dict(self, state):
+        """Restore from our own `state_dict()` or from an original (timm) scheduler `__dict__`.
+
+        Like the original, the optimiser's LRs are left alone: they come from its own state.
+        """
+        if 'base_values' in state:  # an original ALBEF checkpoint
+            state = {'base_lrs': state['base_values'], 'epochs': state['t_initial'],
+                     'min_lr': state['lr_min'], 'warmup_lr': state['warmup_lr_init'],
+                     'warmup_epochs': state['warmup_t'], 'last_t': None}
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise KeyError(f'lr_scheduler state: missing key(s) {missing}')
+        if len(state['base_lrs']) != len(self.optimizer.param_groups):
+            raise ValueError(f"lr_scheduler state has {len(state['base_lrs'])} base LRs for "
+                             f'{len(self.optimizer.param_groups)} optimiser groups')
+        for key in _STATE_KEYS:
+            setattr(self, key, state[key])
+        self.base_lrs = list(self.base_lrs)
+
+
+def create_scheduler(config_schedular, optimizer):
+    """CosineLRScheduler from the `schedular` section (original spelling) of a task config."""
+    unknown = sorted(set(config_schedular) - set(_ALLOWED_KEYS))
+    if unknown:
+        raise KeyError(f'schedular config: unknown key(s) {unknown}; allowed: {list(_ALLOWED_KEYS)}')
+    sched = config_schedular.get('sched', 'cosine')
+    if sched != 'cosine':
+        raise ValueError(f"schedular config: sched={sched!r} is not supported; allowed: 'cosine'")
+    for key in ('epochs', 'min_lr', 'warmup_lr', 'warmup_epochs'):
+        if key not in config_schedular:
+            raise KeyError(f"schedular config: missing key '{key}'")
+        value = config_schedular[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f'schedular config: {key} must be a number, got {value!r}')
+    # NOTE(faithful): `schedular.lr` is ignored (the base LR is the optimiser's), and
+    # `decay_rate` / `cooldown_epochs` do not change the schedule of a single cycle.
+    return CosineLRScheduler(optimizer, epochs=config_schedular['epochs'],
+                             min_lr=float(config_schedular['min_lr']),
+                             warmup_lr=float(config_schedular['warmup_lr']),
+                             warmup_epochs=config_schedular['warmup_epochs'])
