@@ -1,0 +1,73 @@
+"""Image-caption pairs for pre-training (spec sections 8.2 and 12).
+
+Each JSON file is a list of `{"image": path, "caption": str or [str, ...]}`; the files are
+concatenated in the given order. A list caption is sampled anew every time the record is read.
+"""
+import json
+import os
+import random
+
+from torch.utils.data import Dataset
+
+from dataset.images import load_image
+from dataset.utils import pre_caption
+
+
+def load_json_list(path):
+    """Read a JSON file that must hold a list; errors name the file."""
+    try:
+        with open(path, 'r', encoding='utf-8') as f:
+            records = json.load(f)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f'annotation file not found: {path}') from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f'annotation file {path} is not valid JSON: {error}') from error
+    if not isinstance(records, list):
+        raise ValueError(f'annotation file {path} must hold a JSON list, got {type(records).__name__}')
+    return records
+
+
+def _check_caption_record(record, path, index):
+    where = f'{path}, record {index}'
+    if not isinstance(record, dict):
+        raise ValueError(f'{where}: expected an object, got {type(record).__name__}')
+    for key in ('image', 'caption'):
+        if key not in record:
+            raise ValueError(f'{where}: missing key {key!r}')
+    if not isinstance(record['image'], str) or not record['image']:
+        raise ValueError(f'{where}: "image" must be a non-empty string')
+    caption = record['caption']
+    captions = caption if isinstance(caption, list) else [caption]
+    if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+        raise ValueError(f'{where}: "caption" must be a non-empty string or a non-empty list of them')
+
+
+class pretrain_dataset(Dataset):  # original class name kept
+    """`__getitem__` returns (image tensor, cleaned caption string)."""
+
+    def __init__(self, ann_files, transform, max_words=30, image_root=''):
+        if isinstance(ann_files, str):
+            ann_files = [ann_files]
+        self.ann = []
+        for path in ann_files:
+            records = load_json_list(path)
+            for index, record in enumerate(records):
+                _check_caption_record(record, path, index)
+            self.ann += records
+        self.transform = transform
+        self.max_words = max_words
+        self.image_root = image_root
+
+    def __len__(self):
+        return len(self.ann)
+
+    def __getitem__(self, index):
+        ann = self.ann[index]
+        caption = ann['caption']
+        if isinstance(caption, list):
+            # NOTE(faithful): python's `random` picks the caption before the image is transformed.
+            caption = random.choice(caption)
+        caption = pre_caption(caption, self.max_words)
+        # os.path.join keeps absolute paths as they are (the original's pre-training JSONs).
+        image = load_image(os.path.join(self.image_root, ann['image']))
+        return self.transform(image), caption
