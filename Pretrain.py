@@ -55,7 +55,7 @@ def main(argv=None):
                         help='continue from --checkpoint (or the latest checkpoint in --output_dir)')
     args = parser.parse_args(argv)
     config = utils.load_config(args.config)
-    utils.apply_overrides(config, args.opts)
+    config = utils.apply_overrides(config, args.opts)
     if args.text_encoder:
         config['text_encoder'] = config['tokenizer'] = args.text_encoder
 
@@ -67,6 +67,7 @@ def main(argv=None):
     if utils.is_main_process():
         utils.save_config(config, os.path.join(args.output_dir, 'config.yaml'))
 
+    torch.backends.cudnn.benchmark = True
     dataset = create_dataset('pretrain', config)
     samplers = (create_sampler([dataset], [True], utils.get_world_size(), utils.get_rank())
                 if args.distributed else [None])
@@ -110,7 +111,7 @@ def main(argv=None):
             data_loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(model, data_loader, optimizer, lr_scheduler, epoch, device,
                                       config, train_step, warmup_steps=100 * warmup_epochs,
-                                      warm_up=True, print_freq=config.get('print_freq', 50))
+                                      warm_up=True, print_freq=config['print_freq'], stats_fmt=None)
         if utils.is_main_process():
             state = {'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
                      'lr_scheduler': lr_scheduler.state_dict(), 'config': config, 'epoch': epoch}

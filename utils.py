@@ -144,7 +144,9 @@ def get_args_parser(description):
     parser.add_argument('--config', required=True, help='task YAML file')
     parser.add_argument('--checkpoint', default='', help='checkpoint to start from')
     parser.add_argument('--output_dir', required=True)
-    parser.add_argument('--text_encoder', default='bert-base-uncased')
+    parser.add_argument('--text_encoder', default=None,
+                        help="BERT weights and tokenizer (hub name or local directory); "
+                             "overrides the config's text_encoder and tokenizer")
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--seed', default=42, type=int)
     parser.add_argument('--world_size', default=1, type=int, help='number of processes')

@@ -9,7 +9,7 @@ from dataset.transforms import create_transform
 
 def _pretrain(config):
     transform = create_transform('pretrain', config['image_res'])
-    return _pretrain_dataset(config['train_file'], transform,
+    return _pretrain_dataset(config['train_file'], transform, max_words=config.get('max_words', 30),
                              image_root=config.get('image_root', ''))
 
 

@@ -126,7 +126,7 @@ def test_args_parser():
     assert args.resume is False
     assert args.opts == ['optimizer.lr=2e-5', 'distill=false']
     assert (args.checkpoint, args.text_encoder, args.seed, args.world_size, args.dist_url) == \
-        ('', 'bert-base-uncased', 42, 1, 'env://')
+        ('', None, 42, 1, 'env://')
     assert args.device == ('cuda' if torch.cuda.is_available() else 'cpu')
     with pytest.raises(SystemExit):
         parser.parse_args(['--config', 'c.yaml'])  # --output_dir is required
