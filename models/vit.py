@@ -17,33 +17,20 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.layers.attention import Attention as TimmAttention
 from timm.models.vision_transformer import Block
 
+from models.attention import AttentionRecorder
+
 logger = logging.getLogger(__name__)
 
 # ViT-B/16, the paper's image encoder; tiny models override these through the config.
 VIT_DEFAULTS = dict(patch_size=16, vision_width=768, vit_depth=12, vit_heads=12)
 
 
-class Attention(TimmAttention):
+class Attention(AttentionRecorder, TimmAttention):
     """timm attention plus the original's attention-map recording for Grad-CAM."""
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0.0, proj_drop=0.0, **_unused):
         super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
                          proj_drop=proj_drop)
-        self.save_attention = False
-        self.attention_map = None
-        self.attn_gradients = None
-
-    def save_attn_gradients(self, attn_gradients):
-        self.attn_gradients = attn_gradients
-
-    def get_attn_gradients(self):
-        return self.attn_gradients
-
-    def save_attention_map(self, attention_map):
-        self.attention_map = attention_map
-
-    def get_attention_map(self):
-        return self.attention_map
 
     def forward(self, x, attn_mask=None, is_causal=False):
         B, N, C = x.shape
@@ -53,9 +40,7 @@ class Attention(TimmAttention):
             # NOTE(faithful): the scale multiplies after q @ k^T, as in the original.
             attn = (q @ k.transpose(-2, -1)) * self.scale
             attn = self.attn_drop(attn.softmax(dim=-1))  # (B, H, N, N)
-            self.save_attention_map(attn)
-            if attn.requires_grad:
-                attn.register_hook(self.save_attn_gradients)
+            self.record_attention(attn)
             x = attn @ v
         else:
             x = F.scaled_dot_product_attention(

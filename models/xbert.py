@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from models.attention import AttentionRecorder
+
 logger = logging.getLogger(__name__)
 
 
@@ -99,6 +101,29 @@ def invert_attention_mask(encoder_attention_mask, dtype):
     return (1.0 - mask) * torch.finfo(dtype).min
 
 
+class ImageKeyValues:
+    """Precomputed cross-attention keys and values of the fusion layers for a set of images.
+
+    Retrieval re-ranking pairs each image with hundreds of texts; projecting its tokens once per
+    layer and gathering them per text (`select`) skips the dominant cost of the fusion pass. The
+    result equals passing the images themselves up to float rounding. Gathering is per layer, so
+    only one layer's (texts, H, N, d) copy exists at a time.
+    """
+
+    def __init__(self, per_layer, index=None):
+        self.per_layer = per_layer  # layer -> (keys, values), each (I, H, N, d)
+        self.index = index  # (B,) image of every text, or None: text b uses image b
+
+    def select(self, index):
+        return ImageKeyValues(self.per_layer, index)
+
+    def layer(self, i):
+        keys, values = self.per_layer[i]
+        if self.index is None:
+            return keys, values
+        return keys[self.index], values[self.index]
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -127,7 +152,7 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(embeddings))
 
 
-class BertSelfAttention(nn.Module):
+class BertSelfAttention(AttentionRecorder, nn.Module):
     """Multi-head attention; cross-attention takes keys/values from `encoder_width` inputs.
 
     SDPA by default. With `save_attention` on a cross-attention module, the explicit softmax path
@@ -148,25 +173,14 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(kv_width, self.all_head_size)
         self.value = nn.Linear(kv_width, self.all_head_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
-        self.save_attention = False
-        self.attention_map = None
-        self.attn_gradients = None
-
-    def save_attn_gradients(self, attn_gradients):
-        self.attn_gradients = attn_gradients
-
-    def get_attn_gradients(self):
-        return self.attn_gradients
-
-    def save_attention_map(self, attention_map):
-        self.attention_map = attention_map
-
-    def get_attention_map(self):
-        return self.attention_map
 
     def split_heads(self, x):  # (B, L, D) -> (B, H, L, d)
         B, L, _ = x.shape
         return x.view(B, L, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+
+    def key_values(self, source):
+        """Keys and values (B, H, N, d) of the attended sequence (B, N, kv_width)."""
+        return self.split_heads(self.key(source)), self.split_heads(self.value(source))
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None):
@@ -175,8 +189,8 @@ class BertSelfAttention(nn.Module):
         else:
             source, mask = hidden_states, attention_mask
         q = self.split_heads(self.query(hidden_states))
-        k = self.split_heads(self.key(source))
-        v = self.split_heads(self.value(source))
+        # A (keys, values) tuple comes precomputed from BertModel.image_key_values.
+        k, v = source if isinstance(source, tuple) else self.key_values(source)
         if mask is not None:
             mask = mask.to(q.dtype)
         if self.save_attention and self.is_cross_attention:
@@ -184,9 +198,7 @@ class BertSelfAttention(nn.Module):
             if mask is not None:
                 scores = scores + mask
             probs = scores.softmax(dim=-1)  # (B, H, L, N)
-            self.save_attention_map(probs)
-            if probs.requires_grad:
-                probs.register_hook(self.save_attn_gradients)
+            self.record_attention(probs)
             context = self.dropout(probs) @ v
         else:
             context = F.scaled_dot_product_attention(
@@ -289,6 +301,8 @@ class BertEncoder(nn.Module):
                 # Two-image fusion (NLVR): fusion layers alternate between the images.
                 which = (i - self.config.fusion_layer) % len(encoder_hidden_states)
                 image_states, image_mask = encoder_hidden_states[which], encoder_attention_mask[which]
+            elif isinstance(encoder_hidden_states, ImageKeyValues):
+                image_states = encoder_hidden_states.layer(i) if layer.has_cross_attention else None
             args = (hidden_states, attention_mask, image_states, image_mask)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden_states = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
@@ -357,6 +371,13 @@ class BertModel(BertPreTrainedModel):
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
+
+    def image_key_values(self, image_embeds):
+        """Cross-attention keys/values of every fusion layer for image tokens (I, N, Dv), to pass
+        as `encoder_hidden_states` (after `.select`) instead of the image tokens."""
+        return ImageKeyValues({i: layer.crossattention.self.key_values(image_embeds)
+                               for i, layer in enumerate(self.encoder.layer)
+                               if layer.has_cross_attention})
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 head_mask=None, inputs_embeds=None, encoder_embeds=None,
