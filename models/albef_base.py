@@ -128,3 +128,15 @@ class ALBEFBase(nn.Module):
         if with_idx:
             self.register_buffer('idx_queue', torch.full((1, queue_size), -100))
         self.register_buffer('queue_ptr', torch.zeros(1, dtype=torch.long))
+
+
+def hard_negative_batch(text_embeds, text_atts, image_embeds, neg_img_idx, neg_txt_idx):
+    """The 2B ITM negative pairs in the original order: every text b with image
+    neg_img_idx[b], then text neg_txt_idx[b] (with its own mask) with every image b.
+
+    Returns (text_embeds, text_atts, image_embeds), each with 2B rows.
+    """
+    text_embeds_all = torch.cat([text_embeds, text_embeds[neg_txt_idx]], dim=0)  # (2B, L, D)
+    text_atts_all = torch.cat([text_atts, text_atts[neg_txt_idx]], dim=0)
+    image_embeds_all = torch.cat([image_embeds[neg_img_idx], image_embeds], dim=0)  # (2B, N, Dv)
+    return text_embeds_all, text_atts_all, image_embeds_all

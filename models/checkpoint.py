@@ -7,6 +7,7 @@ does not load is classified: expected (listed by the caller's rule), tolerated (
 buffers) or a real error. Real errors raise `CheckpointError`; nothing loads partially in silence.
 """
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -107,19 +108,21 @@ def load_checkpoint(model, checkpoint, kind=None, remap=None, allow_missing=(),
     interpolate: pos_embed keys resized to the model's patch grid.
     Returns a LoadReport; raises CheckpointError when anything else does not fit.
     """
-    source = checkpoint if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, '__fspath__') else 'checkpoint'
-    if source != 'checkpoint':
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source = str(checkpoint)
         checkpoint = read_checkpoint(checkpoint)
-    state_dict = state_dict_of(checkpoint, str(source))
+    else:
+        source = 'the given checkpoint'
+    state_dict = state_dict_of(checkpoint, source)
     found_kind = checkpoint_kind(state_dict)
     if remap is not None:
         state_dict = remap(state_dict)
+    target = model.state_dict()
     for key in interpolate:
-        owner = model.get_submodule(key.rsplit('.', 1)[0]) if key in model.state_dict() else None
-        if owner is not None and key in state_dict:
+        if key in target and key in state_dict:
+            owner = model.get_submodule(key.rsplit('.', 1)[0])
             state_dict[key] = interpolate_pos_embed(state_dict[key], owner)
 
-    target = model.state_dict()
     report = LoadReport()
     loadable = {}
     for key, tensor in state_dict.items():
@@ -152,8 +155,167 @@ def load_checkpoint(model, checkpoint, kind=None, remap=None, allow_missing=(),
         hint = ''
         if kind and found_kind not in (kind, 'unknown'):
             hint = f' The file looks like a {found_kind!r} checkpoint; this model expects {kind!r}.'
-        raise CheckpointError(f'checkpoint {str(source)!r} does not fit {type(model).__module__}.'
+        raise CheckpointError(f'checkpoint {source!r} does not fit {type(model).__module__}.'
                               f'{type(model).__name__}.{hint}\n  {report.summary()}')
     model.load_state_dict(loadable, strict=False)
     logger.info('loaded %s\n  %s', source, report.summary())
     return report
+
+
+# ---- Retrieval and grounding checkpoints (models/model_retrieval.py; spec 9, 10) ----------------
+
+# Pre-trained (model_pretrain) -> retrieval: keys lose `bert.`; the MLM heads are left over and
+# the id queue is new (it keeps its -100 fill).
+RETRIEVAL_FROM_PRETRAIN = dict(allow_missing=(r'idx_queue',),
+                               allow_unexpected=(r'text_encoder(_m)?\.cls\.predictions\..*',))
+# The released fine-tuned files (mscoco.pth, flickr30k.pth, refcoco.pth) hold online weights only.
+RETRIEVAL_ONLINE_ONLY = dict(allow_missing=(r'[a-z_]+_m\..*', r'(image|text|idx)_queue',
+                                            r'queue_ptr'))
+
+
+def strip_bert_prefix(state_dict):
+    """`text_encoder(_m).bert.X` -> `text_encoder(_m).X`, as the original Retrieval.py renames."""
+    return {key.replace('bert.', ''): value for key, value in state_dict.items()}
+
+
+def load_retrieval_checkpoint(model, checkpoint):
+    """Load any of the three retrieval-model layouts into a model_retrieval/Grounding ALBEF:
+    a pre-training checkpoint (renamed, spec 9), a retrieval training checkpoint (as is), or a
+    released fine-tuned file without momentum weights or queues. For the last, the momentum
+    encoders start as copies of the loaded online weights (`copy_params`) and the queues keep
+    their fresh initialisation (random unit columns, ids -100, pointer 0).
+    Returns the LoadReport.
+    """
+    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, '__fspath__'):
+        checkpoint = read_checkpoint(checkpoint)
+    state_dict = state_dict_of(checkpoint)
+    if any(key.startswith('text_encoder.bert.') for key in state_dict):
+        return load_checkpoint(model, state_dict, kind='retrieval', remap=strip_bert_prefix,
+                               **RETRIEVAL_FROM_PRETRAIN)
+    if not any(key.startswith('visual_encoder_m.') for key in state_dict):
+        report = load_checkpoint(model, state_dict, kind='retrieval', **RETRIEVAL_ONLINE_ONLY)
+        model.copy_params()
+        return report
+    return load_checkpoint(model, state_dict, kind='retrieval')
+# ---- end retrieval and grounding checkpoints ----------------------------------------------------
+
+
+# ---- Fine-tuning from an earlier stage: VQA, SNLI-VE, text assignment, NLVR2 (spec 9) ----------
+
+def _layer_index(key):
+    match = re.search(r'\.layer\.(\d+)\.', key)
+    return int(match.group(1)) if match else None
+
+
+def _with_layer(key, layer):
+    return re.sub(r'\.layer\.\d+\.', f'.layer.{layer}.', key, count=1)
+
+
+def fusion_layer_of(state_dict):
+    """The first text-encoder layer with cross-attention in a checkpoint (6 for BERT-base)."""
+    layers = [_layer_index(k) for k in state_dict
+              if k.startswith('text_encoder.') and '.crossattention.' in k]
+    if not layers:
+        raise CheckpointError('the checkpoint has no text-encoder cross-attention layers')
+    return min(layers)
+
+
+def pretrain_to_vqa(state_dict):
+    """The question encoder gets every BERT tensor (without `bert.`); the answer decoder
+    (`text_decoder`, keeping `bert.`) gets the embeddings, the fusion layers renumbered from 0
+    (with their cross-attention) and the MLM head. Momentum copies alike."""
+    fusion = fusion_layer_of(state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        if 'bert.' in key:
+            out[key.replace('bert.', '')] = value
+        if not key.startswith('text_encoder'):
+            out[key] = value
+            continue
+        layer = _layer_index(key)
+        if layer is not None and layer < fusion:
+            continue  # text-only layers stay in the encoder only
+        decoder_key = key.replace('text_encoder', 'text_decoder', 1)
+        out[decoder_key if layer is None else _with_layer(decoder_key, layer - fusion)] = value
+    return out
+
+
+def pretrain_to_text_assignment(state_dict):
+    """Keys lose `bert.`; each fusion layer l is written to both layers of its pair,
+    fusion + 2(l - fusion) and the next one (layers 6..11 -> 6..17 for BERT-base)."""
+    fusion = fusion_layer_of(state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        if 'bert.' not in key:
+            out[key] = value
+            continue
+        key = key.replace('bert.', '')
+        layer = _layer_index(key)
+        if layer is None or layer < fusion:
+            out[key] = value
+            continue
+        first = fusion + 2 * (layer - fusion)
+        out[_with_layer(key, first)] = value
+        out[_with_layer(key, first + 1)] = value
+    return out
+
+
+@dataclass(frozen=True)
+class FinetuneRule:
+    remap: object  # state_dict -> state_dict, or None
+    allow_missing: tuple = ()
+    allow_unexpected: tuple = ()
+
+
+# Momentum keys are allowed as unexpected everywhere: a model built with distill off has none.
+_MOMENTUM = r'[a-z_]+_m\..*'
+_QUEUES = (r'(image|text)_queue', r'queue_ptr')
+
+FINETUNE_RULES = {
+    ('pretrain', 'vqa'): FinetuneRule(
+        pretrain_to_vqa,
+        allow_unexpected=(_MOMENTUM, r'temp', *_QUEUES, r'(vision|text)_proj(_m)?\..*',
+                          r'itm_head\..*')),
+    ('pretrain', 've'): FinetuneRule(
+        strip_bert_prefix, allow_missing=(r'cls_head(_m)?\..*',),
+        allow_unexpected=(_MOMENTUM, r'temp', *_QUEUES, r'(vision|text)_proj(_m)?\..*',
+                          r'itm_head\..*', r'text_encoder(_m)?\.cls\..*')),
+    ('pretrain', 'pretrain_nlvr'): FinetuneRule(
+        pretrain_to_text_assignment, allow_missing=(r'ta_head\..*',),
+        allow_unexpected=(_MOMENTUM, *_QUEUES, r'itm_head\..*', r'text_encoder\.cls\..*')),
+    # NOTE(faithful): the momentum models of NLVR2 are not in the TA checkpoint (see below).
+    ('pretrain_nlvr', 'nlvr'): FinetuneRule(
+        None, allow_missing=(r'cls_head\..*', _MOMENTUM),
+        allow_unexpected=(r'(vision|text)_proj\..*', r'temp', r'ta_head\..*')),
+}
+
+
+def load_for_finetuning(model, checkpoint, source_kind=None, target_kind=None,
+                        copy_momentum_after_load=False):
+    """Load a checkpoint of an earlier training stage into a VQA / VE / TA / NLVR2 model with
+    the original's renaming rules (FINETUNE_RULES) and pos_embed interpolation.
+
+    source_kind: the stage that wrote the checkpoint (None = guessed from its keys);
+    target_kind: the model's kind. The same kind on both sides loads as is (resuming, or
+    evaluating a fine-tuned file). copy_momentum_after_load: for NLVR2, start the momentum
+    models from the loaded weights. NOTE(faithful): off by default; the original copies before
+    loading, so its momentum ViT stays random and its momentum BERT is bert-base-uncased.
+    Returns the LoadReport.
+    """
+    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, '__fspath__'):
+        checkpoint = read_checkpoint(checkpoint)
+    state_dict = state_dict_of(checkpoint)
+    source_kind = source_kind or checkpoint_kind(state_dict)
+    if source_kind == target_kind:
+        return load_checkpoint(model, state_dict, kind=target_kind)
+    rule = FINETUNE_RULES.get((source_kind, target_kind))
+    if rule is None:
+        raise CheckpointError(f'no rule to fine-tune a {target_kind!r} model from a '
+                              f'{source_kind!r} checkpoint; known: {sorted(FINETUNE_RULES)}')
+    report = load_checkpoint(model, state_dict, kind=target_kind, remap=rule.remap,
+                             allow_missing=rule.allow_missing,
+                             allow_unexpected=rule.allow_unexpected)
+    if copy_momentum_after_load and hasattr(model, 'model_pairs'):
+        model.copy_params()
+    return report
+# ---- end fine-tuning from an earlier stage --------------------------------------------------

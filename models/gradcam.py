@@ -1,0 +1,117 @@
+"""Grad-CAM maps of ALBEF for weakly-supervised visual grounding (paper section 4.4, spec 8.7).
+
+- itm mode: the cross-attention of one fusion layer (`text_encoder.encoder.layer[block_num]`),
+  weighted by the gradient of the ITM "match" logit; a map per text token and their average.
+- itc mode: the [CLS] row of one ViT block's self-attention, weighted by the gradient of the
+  image-text ITC similarity.
+Maps are on the patch grid of the model (image_res / patch_size per side), patch row-major.
+Works with any model exposing `visual_encoder`, `text_encoder` (a BertModel), `itm_head`, and for
+itc mode `vision_proj`, `text_proj`, `temp` (the retrieval model).
+"""
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class GradCAM:
+    scores: torch.Tensor  # itm: ITM logits (B, 2); itc: similarities / temp (B, B)
+    attention: torch.Tensor  # itm: (B, H, L, N) cross-attention; itc: (B, H, N, N) ViT attention
+    gradients: torch.Tensor  # d(loss)/d(attention), same shape
+    maps: torch.Tensor  # (B, h, w): the map Grounding.py scores boxes with
+    token_maps: Optional[torch.Tensor] = None  # itm only: (B, L, h, w), one map per text token
+
+
+def patch_grid(model):
+    """(h, w) patches per image side, from the ViT's configuration."""
+    return tuple(model.visual_encoder.patch_embed.grid_size)
+
+
+def cross_attention(model, block_num):
+    """The cross-attention module of text-encoder layer `block_num` (a fusion layer)."""
+    layer = model.text_encoder.encoder.layer[block_num]
+    if not layer.has_cross_attention:
+        raise ValueError(f'text-encoder layer {block_num} has no cross-attention (fusion layers '
+                         f'start at {model.text_encoder.config.fusion_layer})')
+    return layer.crossattention.self
+
+
+@contextmanager
+def recording(module):
+    """Record `module`'s attention probabilities and their gradient inside the block."""
+    previous = module.save_attention
+    module.save_attention = True
+    try:
+        yield module
+    finally:
+        module.save_attention = previous
+
+
+def backward_from(model, loss):
+    model.zero_grad()
+    loss.backward()
+
+
+def itm_token_maps(attention, gradients, text_atts, grid):
+    """Per-token Grad-CAM (B, L, h, w): head average of attention x positive gradient, over
+    image patches (the [CLS] image token dropped); padded tokens are zero."""
+    mask = text_atts.view(text_atts.size(0), 1, -1, 1, 1)  # (B, 1, L, 1, 1)
+    cams = attention[..., 1:].unflatten(-1, grid) * mask  # (B, H, L, h, w)
+    grads = gradients[..., 1:].clamp(min=0).unflatten(-1, grid) * mask
+    return (cams * grads).mean(1)
+
+
+def itm_gradcam(model, image, text_ids, text_atts, block_num):
+    """Grad-CAM of the ITM match logit through the cross-attention of layer `block_num`.
+
+    `maps` averages the token maps over ALL L positions. NOTE(faithful): padded positions count
+    as zeros in that mean, so a phrase's map is scaled by (its length / padded length).
+    """
+    module = cross_attention(model, block_num)
+    with torch.enable_grad(), recording(module):
+        image_embeds = model.visual_encoder(image)  # (B, N, Dv)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
+        hidden = model.text_encoder(text_ids, attention_mask=text_atts,
+                                    encoder_hidden_states=image_embeds,
+                                    encoder_attention_mask=image_atts,
+                                    return_dict=True).last_hidden_state  # multi_modal
+        logits = model.itm_head(hidden[:, 0])  # (B, 2)
+        backward_from(model, logits[:, 1].sum())
+    attention = module.get_attention_map().detach()
+    gradients = module.get_attn_gradients().detach()
+    token_maps = itm_token_maps(attention, gradients, text_atts, patch_grid(model))
+    return GradCAM(scores=logits.detach(), attention=attention, gradients=gradients,
+                   maps=token_maps.mean(1), token_maps=token_maps)
+
+
+def itc_gradcam(model, image, text_ids, text_atts, block_num):
+    """Grad-CAM of the matched-pair ITC similarity through ViT block `block_num`: the [CLS]
+    query's attention over patches times its positive gradient, averaged over heads."""
+    with torch.enable_grad():
+        image_embeds = model.visual_encoder(image, register_blk=block_num)
+        image_feat = F.normalize(model.vision_proj(image_embeds[:, 0]), dim=-1)  # (B, E)
+        text_embeds = model.text_encoder(text_ids, attention_mask=text_atts, return_dict=True,
+                                         mode='text').last_hidden_state
+        text_feat = F.normalize(model.text_proj(text_embeds[:, 0]), dim=-1)
+        sim = image_feat @ text_feat.t() / model.temp  # (B, B)
+        backward_from(model, sim.diag().sum())
+    attn = model.visual_encoder.blocks[block_num].attn
+    attention = attn.get_attention_map().detach()
+    gradients = attn.get_attn_gradients().detach()
+    grid = patch_grid(model)
+    cam = attention[:, :, 0, 1:].unflatten(-1, grid)  # (B, H, h, w)
+    grad = gradients[:, :, 0, 1:].unflatten(-1, grid).clamp(0)
+    return GradCAM(scores=sim.detach(), attention=attention, gradients=gradients,
+                   maps=(cam * grad).mean(1))
+
+
+def gradcam(model, image, text_ids, text_atts, mode='itm', block_num=8):
+    """Grounding.py's map for `mode` 'itm' (text-encoder layer) or 'itc' (ViT block)."""
+    if mode == 'itm':
+        return itm_gradcam(model, image, text_ids, text_atts, block_num)
+    if mode == 'itc':
+        return itc_gradcam(model, image, text_ids, text_atts, block_num)
+    raise ValueError(f"unknown gradcam mode {mode!r}; expected 'itm' or 'itc'")

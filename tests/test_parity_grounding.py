@@ -1,0 +1,159 @@
+"""Parity of Grad-CAM and grounding box scoring with the original Grounding.py `val()` and
+`grounding_eval` (../shared/reference/tiny_a/grounding, see its README)."""
+import types
+
+import pytest
+import torch
+
+from dataset.grounding_eval import (best_box, box_scores, compute_iou, grounding_eval,
+                                    upsample_map)
+from models import gradcam
+from models.checkpoint import load_checkpoint
+from models.model_retrieval import ALBEF
+from tests.reference import STUB_TOKENIZER, assert_close, load_kind
+
+SPLITS = ('val', 'testA', 'testB')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def fixture():
+    return load_kind('grounding')
+
+
+@pytest.fixture(scope='module')
+def model(fixture):
+    config, checkpoint, _, _ = fixture
+    model = ALBEF(config=config, text_encoder=None, tokenizer=STUB_TOKENIZER)
+    load_checkpoint(model, checkpoint, kind='retrieval')
+    return model.eval()
+
+
+@pytest.fixture(scope='module')
+def cams(fixture, model):
+    config, _, inputs, _ = fixture
+    args = (model, inputs['image'], inputs['text_ids'], inputs['text_att'])
+    return (gradcam.gradcam(*args, mode='itm', block_num=config['block_num']),
+            gradcam.gradcam(*args, mode='itc', block_num=config['itc_block_num']))
+
+
+def assert_close_relative(actual, expected, name, rel=1e-4):
+    """For tensors far below atol=1e-5 (the README's advice): compare to their own scale."""
+    assert actual.shape == expected.shape, name
+    scale = expected.double().abs().max()
+    diff = (actual.double() - expected.double()).abs().max()
+    assert diff <= rel * scale, f'{name}: max abs diff {diff:.3g} vs scale {scale:.3g}'
+
+
+def test_itm_gradcam(fixture, cams):
+    _, _, inputs, expected = fixture
+    itm, _ = cams
+    assert_close(itm.scores, expected['itm_logits'], 'itm_logits')
+    assert_close(itm.attention, expected['itm_attn_map'], 'itm_attn_map')
+    assert_close_relative(itm.gradients, expected['itm_attn_grad'], 'itm_attn_grad')
+    assert_close_relative(itm.maps, expected['gradcam_itm'], 'gradcam_itm')
+    # The per-token maps: padded tokens are zero and their mean over all L is the map.
+    pads = inputs['text_att'] == 0
+    assert pads.any()
+    assert (itm.token_maps[pads] == 0).all()
+    assert torch.allclose(itm.token_maps.mean(1), itm.maps)
+    # block_num is the last layer: only the [CLS] query reaches the ITM head, so the averaged
+    # map is the [CLS] map divided by the padded length L (pads counted as zeros).
+    assert (itm.token_maps[:, 0].abs().sum((-1, -2)) > 0).all()
+    assert (itm.token_maps[:, 1:] == 0).all()
+    assert torch.allclose(itm.maps, itm.token_maps[:, 0] / inputs['text_att'].size(1))
+
+
+def test_itm_token_maps_at_an_inner_fusion_layer(fixture, model):
+    config, _, inputs, _ = fixture
+    inner = model.text_encoder.config.fusion_layer  # 2: later layers carry every token onward
+    assert inner < config['block_num']
+    itm = gradcam.itm_gradcam(model, inputs['image'], inputs['text_ids'], inputs['text_att'], inner)
+    pads = inputs['text_att'] == 0
+    assert (itm.token_maps[pads] == 0).all()
+    assert (itm.token_maps[~pads].abs().sum((-1, -2)) > 0).all()
+    assert torch.allclose(itm.token_maps.mean(1), itm.maps)
+
+
+def test_itc_gradcam(fixture, cams):
+    _, _, _, expected = fixture
+    _, itc = cams
+    assert_close(itc.scores, expected['itc_sim'], 'itc_sim')
+    assert_close_relative(itc.maps, expected['gradcam_itc'], 'gradcam_itc')
+    assert itc.maps.shape[-2:] == (4, 4)  # image_res 64 / patch 16, not the original's 24
+
+
+def test_gradcam_leaves_the_model_unchanged(fixture, model, cams):
+    config, _, _, _ = fixture
+    assert not gradcam.cross_attention(model, config['block_num']).save_attention
+    with pytest.raises(ValueError, match='no cross-attention'):
+        gradcam.cross_attention(model, 0)
+    with pytest.raises(ValueError, match='gradcam mode'):
+        gradcam.gradcam(model, None, None, None, mode='xyz')
+
+
+def test_box_scoring_and_iou(fixture, cams):
+    _, _, inputs, expected = fixture
+    itm, _ = cams
+    scores, chosen, ious = [], [], []
+    for i, (height, width) in enumerate(inputs['image_hw'].tolist()):
+        mask = upsample_map(itm.maps[i], height, width)
+        assert_close_relative(mask, expected[f'upsampled_gradcam.{i}'], f'upsampled_gradcam.{i}')
+        boxes = inputs['det_boxes'][i].tolist()
+        scores.append(box_scores(mask, boxes, alpha=0.5))
+        chosen.append(best_box(scores[-1]))
+        ious.append(compute_iou(inputs['ref_boxes'][i].tolist(), boxes[chosen[-1]]))
+    assert_close_relative(torch.tensor(scores, dtype=torch.float64), expected['box_scores'],
+                          'box_scores')
+    assert_close(torch.tensor(chosen), expected['box_pred_index'], 'box_pred_index')
+    assert_close(torch.tensor(ious, dtype=torch.float64), expected['box_iou'], 'box_iou')
+
+
+def stub_refer(inputs):
+    """The REFER API's three mappings, holding the fixture's boxes, splits and image sizes."""
+    refs, anns, imgs = {}, {}, {}
+    for i, ((height, width), split) in enumerate(zip(inputs['image_hw'].tolist(),
+                                                     inputs['splits_code'].tolist())):
+        refs[i] = {'image_id': 100 + i, 'split': SPLITS[split]}
+        anns[i] = {'bbox': inputs['ref_boxes'][i].tolist()}
+        imgs[100 + i] = {'height': height, 'width': width}
+    return types.SimpleNamespace(Refs=refs, refToAnn=anns, Imgs=imgs)
+
+
+def test_grounding_eval(fixture, cams):
+    _, _, inputs, expected = fixture
+    itm, _ = cams
+    results = [{'ref_id': i, 'pred': cam} for i, cam in enumerate(itm.maps)]
+    dets = {str(100 + i): boxes.tolist() for i, boxes in enumerate(inputs['det_boxes'])}
+    accuracy = grounding_eval(results, dets, stub_refer(inputs), alpha=0.5)
+    for key in ('val_d', 'testA_d', 'testB_d'):
+        assert accuracy[key] == expected[f'grounding_eval.{key}'].item(), key
+
+
+def test_grounding_eval_reuses_the_previous_box_when_no_score_is_positive():
+    refer = types.SimpleNamespace(
+        Refs={0: {'image_id': 0, 'split': 'val'}, 1: {'image_id': 1, 'split': 'testA'}},
+        refToAnn={0: {'bbox': [0, 0, 4, 4]}, 1: {'bbox': [0, 0, 4, 4]}},
+        Imgs={0: {'height': 8, 'width': 8}, 1: {'height': 8, 'width': 8}})
+    dets = {'0': [[4, 4, 4, 4], [0, 0, 4, 4]], '1': [[4, 4, 4, 4]]}
+    hot = torch.zeros(2, 2)
+    hot[0, 0] = 1.0  # top-left: picks the second box of image 0 (the reference box)
+    results = [{'ref_id': 0, 'pred': hot}, {'ref_id': 1, 'pred': -torch.ones(2, 2)}]
+    accuracy = grounding_eval(results, dets, refer)
+    # Image 1's only box scores < 0, so image 0's (correct) box is reused: a hit.
+    assert accuracy['val_d'] == 1.0 and accuracy['testA_d'] == 1.0
+    assert accuracy['testB_d'] != accuracy['testB_d']  # nan: no testB expressions
+
+
+def test_compute_iou_inclusive_pixels():
+    assert compute_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert compute_iou([0, 0, 10, 10], [5, 0, 10, 10]) == pytest.approx(50 / 150)
+    assert compute_iou([0, 0, 10, 10], [9, 0, 10, 10]) == 0.0  # one shared column: x1 == x2
+    assert best_box([-1.0, 0.0]) is None and best_box([0.1, 0.3, 0.3]) == 1
