@@ -106,6 +106,17 @@ class ALBEFBase(nn.Module):
         for param, param_m in self.momentum_parameter_pairs():
             param_m.data = param_m.data * self.momentum + param.data * (1.0 - self.momentum)
 
+    def itc_similarities(self, image_feat, text_feat, image_feat_m, text_feat_m):
+        """Online rows against [batch momentum features | queue] columns, and the teacher's."""
+        image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
+        text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+        sim_i2t = image_feat @ text_feat_all / self.temp  # (B, B + Q)
+        sim_t2i = text_feat @ image_feat_all / self.temp
+        with torch.no_grad():
+            sim_i2t_m = image_feat_m @ text_feat_all / self.temp
+            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
+        return sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m
+
     @torch.no_grad()
     def _dequeue_and_enqueue(self, image_feat, text_feat, idx=None):
         """Write the gathered momentum features (and image ids) into the queues at the pointer."""

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.albef_base import (ALBEFBase, build_text_model, itc_loss, load_bert_config,
-                               mask_tokens, sample_negatives)
+from models.albef_base import (ALBEFBase, build_text_model, hard_negative_batch, itc_loss,
+                               load_bert_config, mask_tokens, sample_negatives)
 from models.pretrained import load_deit_weights
 from models.xbert import BertForMaskedLM
 
@@ -77,17 +77,6 @@ class ALBEF(ALBEFBase):
         text_feat_m = F.normalize(self.text_proj_m(text_out_m.last_hidden_state[:, 0]), dim=-1)
         return image_feat_m, text_feat_m, image_embeds_m
 
-    def itc_similarities(self, image_feat, text_feat, image_feat_m, text_feat_m):
-        """Online rows against [batch momentum features | queue] columns, and the teacher's."""
-        image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
-        text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
-        sim_i2t = image_feat @ text_feat_all / self.temp  # (B, B + Q)
-        sim_t2i = text_feat @ image_feat_all / self.temp
-        with torch.no_grad():
-            sim_i2t_m = image_feat_m @ text_feat_all / self.temp
-            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
-        return sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m
-
     def forward_itc(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha):
         sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m = self.itc_similarities(
             image_feat, text_feat, image_feat_m, text_feat_m)
@@ -126,11 +115,8 @@ class ALBEF(ALBEFBase):
             weights_i2t, weights_t2i = self.negative_weights(sim_i2t, sim_t2i)
             neg_img_idx = sample_negatives(weights_t2i)  # NOTE(faithful): texts first
             neg_txt_idx = sample_negatives(weights_i2t)
-        image_embeds_neg = image_embeds[neg_img_idx]
-        text_embeds_neg, text_atts_neg = text_embeds[neg_txt_idx], text_atts[neg_txt_idx]
-        text_embeds_all = torch.cat([text_embeds, text_embeds_neg], dim=0)  # (2B, L, D)
-        text_atts_all = torch.cat([text_atts, text_atts_neg], dim=0)
-        image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)
+        text_embeds_all, text_atts_all, image_embeds_all = hard_negative_batch(
+            text_embeds, text_atts, image_embeds, neg_img_idx, neg_txt_idx)
         output_neg = self.fusion(text_embeds_all, text_atts_all, image_embeds_all)
         vl_embeddings = torch.cat([output_pos[:, 0], output_neg[:, 0]], dim=0)  # (3B, D)
         vl_output = self.itm_head(vl_embeddings)

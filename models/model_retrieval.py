@@ -94,17 +94,6 @@ class ALBEF(ALBEFBase):
         text_embeds_m = self.encode_text(text.input_ids, text.attention_mask, momentum=True)
         return image_feat_m, self.text_features(text_embeds_m, momentum=True)
 
-    def itc_similarities(self, image_feat, text_feat, image_feat_m, text_feat_m):
-        """Online rows against [batch momentum features | queue] columns, and the teacher's."""
-        image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
-        text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
-        sim_i2t = image_feat @ text_feat_all / self.temp  # (B, B + Q)
-        sim_t2i = text_feat @ image_feat_all / self.temp
-        with torch.no_grad():
-            sim_i2t_m = image_feat_m @ text_feat_all / self.temp
-            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
-        return sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m
-
     def itc_targets(self, idx, sim_i2t_m, sim_t2i_m, alpha):
         """(i2t, t2i) targets: id-based, mixed with the teacher's softmax when distilling."""
         sim_targets = idx_targets(idx, self.idx_queue)
