@@ -2,9 +2,18 @@
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-# Imported under another name so that `dataset.pretrain_dataset` stays the module, not the class.
+# Imported under other names so that `dataset.pretrain_dataset` etc. stay the modules, not the classes.
+from dataset.caption_dataset import re_eval_dataset as _re_eval_dataset
+from dataset.caption_dataset import re_train_dataset as _re_train_dataset
+from dataset.grounding_dataset import grounding_dataset as _grounding_dataset
+from dataset.nlvr_dataset import nlvr_dataset as _nlvr_dataset
 from dataset.pretrain_dataset import pretrain_dataset as _pretrain_dataset
 from dataset.transforms import create_transform
+from dataset.ve_dataset import ve_dataset as _ve_dataset
+from dataset.vqa_dataset import vqa_collate_fn
+from dataset.vqa_dataset import vqa_dataset as _vqa_dataset
+
+__all__ = ['create_dataset', 'create_sampler', 'create_loader', 'vqa_collate_fn']
 
 
 def _pretrain(config):
@@ -13,16 +22,69 @@ def _pretrain(config):
                              image_root=config.get('image_root', ''))
 
 
+def _train_and_test_transforms(config, train_kind='train'):
+    return create_transform(train_kind, config['image_res']), create_transform('test', config['image_res'])
+
+
+def _re(config):
+    train_transform, test_transform = _train_and_test_transforms(config)
+    root = config['image_root']
+    return (_re_train_dataset(config['train_file'], train_transform, root),
+            _re_eval_dataset(config['val_file'], test_transform, root),
+            _re_eval_dataset(config['test_file'], test_transform, root))
+
+
+def _vqa(config):
+    train_transform, test_transform = _train_and_test_transforms(config)
+    roots = config['vqa_root'], config['vg_root']
+    eos = config.get('eos', '[SEP]')
+    return (_vqa_dataset(config['train_file'], train_transform, *roots, eos=eos, split='train'),
+            _vqa_dataset(config['test_file'], test_transform, *roots, eos=eos, split='test',
+                         answer_list=config['answer_list']))
+
+
+def _nlvr(config):
+    train_transform, test_transform = _train_and_test_transforms(config)
+    root = config['image_root']
+    return (_nlvr_dataset(config['train_file'], train_transform, root),
+            _nlvr_dataset(config['val_file'], test_transform, root),
+            _nlvr_dataset(config['test_file'], test_transform, root))
+
+
+def _ve(config):
+    train_transform, test_transform = _train_and_test_transforms(config)
+    root = config['image_root']
+    return (_ve_dataset(config['train_file'], train_transform, root),
+            _ve_dataset(config['val_file'], test_transform, root),
+            _ve_dataset(config['test_file'], test_transform, root))
+
+
+def _grounding(config):
+    train_transform, test_transform = _train_and_test_transforms(config, train_kind='grounding_train')
+    root = config['image_root']
+    return (_grounding_dataset(config['train_file'], train_transform, root, mode='train'),
+            _grounding_dataset(config['test_file'], test_transform, root, mode='test'))
+
+
 # name -> builder(config); the builders return what the original returned for that name.
 _BUILDERS = {
     'pretrain': _pretrain,
+    're': _re,
+    'vqa': _vqa,
+    'nlvr': _nlvr,
+    've': _ve,
+    'grounding': _grounding,
 }
 
 
 def create_dataset(name, config):
-    """'pretrain' -> one dataset over all `config['train_file']` files."""
+    """'pretrain' -> one dataset over all `config['train_file']` files;
+    're', 'nlvr', 've' -> (train, val, test); 'vqa', 'grounding' -> (train, test).
+
+    Training sets use the task's augmenting transform, the others the plain test transform.
+    """
     if name not in _BUILDERS:
-        raise ValueError(f'unknown dataset {name!r}; supported: {sorted(_BUILDERS)}')
+        raise ValueError(f'unknown dataset {name!r}; supported: {list(_BUILDERS)}')
     return _BUILDERS[name](config)
 
 

@@ -42,6 +42,45 @@ def _check_caption_record(record, path, index):
         raise ValueError(f'{where}: "caption" must be a non-empty string or a non-empty list of them')
 
 
+# ----------------------------------------------------------------------------- shared by every task
+
+def load_annotations(ann_files, check_record):
+    """The records of `ann_files` (one path or a list of paths) concatenated in order.
+
+    `check_record(record, where)` validates every record at construction, where `where` reads
+    '<file>, record <index>', so a malformed record fails before training starts and points at
+    itself instead of failing in a DataLoader worker hours later.
+    """
+    if isinstance(ann_files, (str, os.PathLike)):
+        ann_files = [ann_files]
+    records = []
+    for path in ann_files:
+        loaded = load_json_list(path)
+        for index, record in enumerate(loaded):
+            check_record(record, f'{path}, record {index}')
+        records += loaded
+    return records
+
+
+def check_fields(record, where, **types):
+    """`record` must be an object holding every key of `types` with a value of that type (a type
+    or a tuple of types); strings must not be blank. Returns the record."""
+    if not isinstance(record, dict):
+        raise ValueError(f'{where}: expected an object, got {type(record).__name__}')
+    for key, expected in types.items():
+        if key not in record:
+            raise ValueError(f'{where}: missing key {key!r}')
+        value = record[key]
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        # bool is an int subclass; a JSON true where an id or a string is expected is a mistake.
+        if isinstance(value, bool) or not isinstance(value, expected):
+            names = ' or '.join(t.__name__ for t in expected)
+            raise ValueError(f'{where}: {key!r} must be {names}, got {type(value).__name__} {value!r}')
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f'{where}: {key!r} must not be blank')
+    return record
+
+
 class pretrain_dataset(Dataset):  # original class name kept
     """`__getitem__` returns (image tensor, cleaned caption string)."""
 

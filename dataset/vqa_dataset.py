@@ -1,0 +1,103 @@
+"""VQA v2 (+ Visual Genome QA) questions for answer generation (paper section 4.2, spec 8.5 and 12).
+
+Records: `{"question_id", "question", "answer": [10 answers], "image", "dataset": "vqa"}` with the
+image under `vqa_root`, or `{"question", "answer": str, "image", "dataset": "vg"}` under `vg_root`.
+Test records carry no answer; predictions are ranked over the strings of `answer_list`.
+"""
+import os
+
+import torch
+from torch.utils.data import Dataset
+
+from dataset.images import load_image
+from dataset.pretrain_dataset import check_fields, load_annotations, load_json_list
+from dataset.utils import pre_question
+
+SPLITS = ('train', 'test')
+SOURCES = ('vqa', 'vg')
+# NOTE(faithful): the training question keeps 30 words; at test time up to 50 are kept.
+MAX_QUESTION_WORDS = {'train': 30, 'test': 50}
+VG_ANSWER_WEIGHT = 0.5  # Visual Genome has one answer per question: trusted half as much
+
+
+def _record_checker(split):
+    def check(record, where):
+        check_fields(record, where, image=str, question=str, dataset=str)
+        if record['dataset'] not in SOURCES:
+            raise ValueError(f'{where}: "dataset" must be one of {SOURCES}, got {record["dataset"]!r}')
+        if split == 'test':
+            check_fields(record, where, question_id=int)
+        elif record['dataset'] == 'vg':
+            check_fields(record, where, answer=str)
+        else:
+            check_fields(record, where, answer=list)
+            if not record['answer'] or not all(isinstance(a, str) and a.strip() for a in record['answer']):
+                raise ValueError(f'{where}: "answer" must be a non-empty list of non-blank strings')
+    return check
+
+
+def answer_weights(ann):
+    """(distinct answers in order of first appearance, their weights) for one training record.
+
+    VQA: each distinct answer weighs its share of the annotators' answers; VG: its one answer
+    weighs VG_ANSWER_WEIGHT.
+    """
+    if ann['dataset'] == 'vg':
+        return [ann['answer']], [VG_ANSWER_WEIGHT]
+    weights = {}
+    share = 1 / len(ann['answer'])
+    for answer in ann['answer']:
+        # NOTE(faithful): shares are summed one by one (0.1 + 0.1 + 0.1 = 0.30000000000000004),
+        # not counted and divided, so the float64 weights are the original's bit for bit.
+        weights[answer] = weights.get(answer, 0) + share
+    return list(weights), list(weights.values())
+
+
+class vqa_dataset(Dataset):  # original class name kept
+    """split 'train': `__getitem__` -> (image, question, answers + eos, weights as floats);
+    split 'test': -> (image, question, question_id), and `.answer_list` holds the candidates.
+    """
+
+    def __init__(self, ann_files, transform, vqa_root, vg_root, eos='[SEP]', split='train',
+                 answer_list=''):
+        if split not in SPLITS:
+            raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+        self.split = split
+        self.ann = load_annotations(ann_files, _record_checker(split))
+        self.transform = transform
+        self.roots = {'vqa': vqa_root, 'vg': vg_root}
+        self.eos = eos
+        self.max_ques_words = MAX_QUESTION_WORDS[split]
+        if split == 'test':
+            if not answer_list:
+                raise ValueError('the VQA test split needs answer_list (a JSON list of answer strings)')
+            self.answer_list = load_json_list(answer_list)
+            if not all(isinstance(a, str) for a in self.answer_list):
+                raise ValueError(f'answer list {answer_list} must hold strings only')
+
+    def __len__(self):
+        return len(self.ann)
+
+    def __getitem__(self, index):
+        ann = self.ann[index]
+        image = self.transform(load_image(os.path.join(self.roots[ann['dataset']], ann['image'])))
+        question = pre_question(ann['question'], self.max_ques_words)
+        if self.split == 'test':
+            return image, question, ann['question_id']
+        answers, weights = answer_weights(ann)
+        # The decoder learns to stop: eos is glued to the raw (uncleaned) answer, no space.
+        return image, question, [answer + self.eos for answer in answers], weights
+
+
+def vqa_collate_fn(batch):
+    """Training batch -> (images (B, 3, H, W), questions [B], answers [sum n], weights float32
+    (sum n,), n [B]) where n[i] is the number of distinct answers of question i, so that the model
+    can repeat question i's states n[i] times against the flattened answers."""
+    images, questions, answers, weights, n = [], [], [], [], []
+    for image, question, item_answers, item_weights in batch:
+        images.append(image)
+        questions.append(question)
+        answers += item_answers
+        weights += item_weights
+        n.append(len(item_answers))
+    return torch.stack(images, dim=0), questions, answers, torch.tensor(weights, dtype=torch.float32), n
