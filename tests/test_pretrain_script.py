@@ -14,9 +14,8 @@ from dataset.synthetic import generate
 from models.checkpoint import load_checkpoint
 from models.model_pretrain import ALBEF
 from models.tokenization_bert import BertTokenizer
-from utils import load_config, save_config
+from tests.tiny import ROOT, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 6  # 24 synthetic images, batch 4
 
 
@@ -24,19 +23,9 @@ STEPS_PER_EPOCH = 6  # 24 synthetic images, batch 4
 def tiny_setup(tmp_path_factory):
     data = tmp_path_factory.mktemp('synthetic')
     generate(data, seed=0, size='tiny')
-    bert = json.loads((ROOT / 'configs/tiny/config_bert.json').read_text())
-    bert.update(hidden_size=32, num_hidden_layers=2, fusion_layer=1, num_attention_heads=2,
-                intermediate_size=64, encoder_width=32)
-    bert_path = data / 'config_bert.json'
-    bert_path.write_text(json.dumps(bert))
-    config = load_config(ROOT / 'configs/tiny/Pretrain.yaml')
-    config.update(train_file=[str(data / 'pretrain.json')], image_root=str(data),
-                  tokenizer=str(data / 'tokenizer'), bert_config=str(bert_path), image_res=32,
-                  vision_width=32, vit_depth=1, vit_heads=2, embed_dim=16, batch_size=4,
-                  queue_size=16, num_workers=0, print_freq=2)
-    config['schedular'].update(epochs=2, warmup_epochs=1)
     path = data / 'pretrain.yaml'
-    save_config(config, path)
+    config = tiny_config('Pretrain.yaml', data, path, batch_size=4, queue_size=16,
+                         schedular=dict(epochs=2, warmup_epochs=1))
     return path, config
 
 

@@ -1,0 +1,39 @@
+"""Tiny model settings and synthetic data shared by the script tests."""
+import json
+from pathlib import Path
+
+from utils import load_config, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A model small enough for a few CPU steps per test: ViT 1x32 at 32 px, BERT 1+1 layers of 32.
+TINY_MODEL = dict(image_res=32, patch_size=8, vision_width=32, vit_depth=1, vit_heads=2,
+                  embed_dim=16)
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, fusion_layer=1, num_attention_heads=2,
+                 intermediate_size=64, encoder_width=32)
+
+
+def write_tiny_bert(folder):
+    bert = json.loads((ROOT / 'configs/tiny/config_bert.json').read_text())
+    bert.update(TINY_BERT)
+    path = Path(folder) / 'config_bert.json'
+    path.write_text(json.dumps(bert))
+    return path
+
+
+def tiny_config(template, data_dir, path, **changes):
+    """configs/tiny/<template> pointed at `data_dir` with the tiny model; saved to `path`."""
+    config = load_config(ROOT / 'configs/tiny' / template)
+    for key, value in config.items():
+        if isinstance(value, str) and value.startswith('data/synthetic'):
+            config[key] = value.replace('data/synthetic', str(data_dir), 1)
+        elif isinstance(value, list):
+            config[key] = [v.replace('data/synthetic', str(data_dir), 1) if isinstance(v, str) else v
+                           for v in value]
+    config.update(bert_config=str(write_tiny_bert(data_dir)), num_workers=0, print_freq=2,
+                  **{k: v for k, v in TINY_MODEL.items() if k in config})
+    schedular = changes.pop('schedular', {})
+    config.update(changes)
+    config['schedular'].update(schedular)
+    save_config(config, path)
+    return config
