@@ -453,3 +453,12 @@ def load_checkpoint_file(path, map_location='cpu'):
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise RuntimeError(f'cannot load checkpoint file {path} (truncated, corrupt or not a '
                            f'torch checkpoint): {type(e).__name__}: {e}') from e
+
+
+def all_gather_objects(obj):
+    """A list with every rank's `obj` (picklable), in rank order; [obj] in a single process."""
+    if not is_dist_avail_and_initialized() or get_world_size() == 1:
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

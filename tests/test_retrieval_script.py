@@ -6,10 +6,7 @@ import pytest
 import torch
 
 import Retrieval
-from dataset.synthetic import generate
-from models.model_pretrain import ALBEF as PretrainALBEF
-from models.tokenization_bert import BertTokenizer
-from tests.tiny import tiny_config
+from tests.tiny import synthetic_with_pretrained, tiny_config
 
 METRICS = ('txt_r1', 'txt_r5', 'txt_r10', 'txt_r_mean', 'img_r1', 'img_r5', 'img_r10',
            'img_r_mean', 'r_mean')
@@ -17,14 +14,7 @@ METRICS = ('txt_r1', 'txt_r5', 'txt_r10', 'txt_r_mean', 'img_r1', 'img_r5', 'img
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
-    data = tmp_path_factory.mktemp('synthetic')
-    generate(data, seed=0, size='tiny')
-    pre_config = tiny_config('Pretrain.yaml', data, data / 'pretrain.yaml', batch_size=4,
-                             queue_size=16)
-    torch.manual_seed(0)
-    tokenizer = BertTokenizer.from_pretrained(pre_config['tokenizer'])
-    pretrained = PretrainALBEF(config=pre_config, tokenizer=tokenizer, init_deit=False)
-    torch.save({'model': pretrained.state_dict()}, data / 'pretrained.pth')
+    data, _ = synthetic_with_pretrained(tmp_path_factory.mktemp('synthetic'))
     path = data / 'retrieval.yaml'
     tiny_config('Retrieval.yaml', data, path, batch_size_train=4, batch_size_test=4,
                 queue_size=16, k_test=4, schedular=dict(epochs=1))

@@ -37,3 +37,23 @@ def tiny_config(template, data_dir, path, **changes):
     config['schedular'].update(schedular)
     save_config(config, path)
     return config
+
+
+def synthetic_with_pretrained(folder):
+    """Tiny synthetic data in `folder` and a randomly initialised tiny pre-training checkpoint
+    (`pretrained.pth`, the released layout) for the fine-tuning scripts."""
+    import torch
+
+    from dataset.synthetic import generate
+    from models.model_pretrain import ALBEF
+    from models.tokenization_bert import BertTokenizer
+
+    folder = Path(folder)
+    generate(folder, seed=0, size='tiny')
+    config = tiny_config('Pretrain.yaml', folder, folder / 'pretrain.yaml', batch_size=4,
+                         queue_size=16)
+    torch.manual_seed(0)
+    model = ALBEF(config=config, tokenizer=BertTokenizer.from_pretrained(config['tokenizer']),
+                  init_deit=False)
+    torch.save({'model': model.state_dict()}, folder / 'pretrained.pth')
+    return folder, folder / 'pretrained.pth'

@@ -1,0 +1,138 @@
+"""Weakly-supervised visual grounding on RefCOCO+ (paper section 4.4): retrieval-style
+fine-tuning on referring expressions (image ids as ITC positives), then each expression is
+localised by Grad-CAM and the detection proposal its map covers best.
+
+    torchrun --nproc_per_node=8 Grounding.py --config configs/Grounding.yaml \
+        --output_dir output/grounding --checkpoint ALBEF.pth --gradcam_mode itm --block_num 8
+Evaluate the released refcoco.pth:
+    python Grounding.py --config configs/Grounding.yaml --output_dir output/grounding_eval \
+        --checkpoint refcoco.pth --evaluate
+On the synthetic data (the tiny BERT's last fusion layer is 3):
+    python Grounding.py --config configs/tiny/Grounding.yaml --output_dir output/grounding_tiny \
+        --checkpoint output/pretrain_tiny/checkpoint_07.pth --block_num 3
+"""
+import json
+import logging
+import os
+
+import torch
+
+import utils
+from dataset import create_dataset, create_loader, create_sampler
+from dataset.grounding_dataset import load_refer
+from dataset.grounding_eval import grounding_eval
+from engine import train_one_epoch
+from models.checkpoint import load_retrieval_checkpoint
+from models.gradcam import gradcam
+from models.model_retrieval import ALBEF
+from models.tokenization_bert import BertTokenizer
+from optim import create_optimizer
+from scheduler import create_scheduler
+from Retrieval import make_train_step
+
+logger = logging.getLogger('albef.grounding')
+
+
+def localise(model, data_loader, tokenizer, device, mode, block_num):
+    """Grad-CAM map (on the patch grid) of every test expression: [{'ref_id', 'pred'}]."""
+    model.eval()
+    results = []
+    for image, text, ref_ids in data_loader:
+        text_input = tokenizer(list(text), padding='longest', return_tensors='pt').to(device)
+        cam = gradcam(model, image.to(device), text_input.input_ids, text_input.attention_mask,
+                      mode=mode, block_num=block_num)
+        results += [{'ref_id': int(ref_id), 'pred': cam_map.cpu()}
+                    for ref_id, cam_map in zip(ref_ids, cam.maps)]
+    model.zero_grad(set_to_none=True)
+    # The distributed sampler pads with duplicates: keep each expression once.
+    merged = {}
+    for part in utils.all_gather_objects(results):
+        merged.update((r['ref_id'], r) for r in part)
+    return list(merged.values())
+
+
+def main(argv=None):
+    parser = utils.get_args_parser('ALBEF weakly-supervised grounding')
+    parser.add_argument('--gradcam_mode', default='itm', choices=['itm', 'itc'])
+    parser.add_argument('--block_num', default=8, type=int,
+                        help='text-encoder layer (itm) or ViT block (itc) whose attention is used')
+    parser.add_argument('--evaluate', action='store_true', help='only evaluate --checkpoint')
+    args = parser.parse_args(argv)
+    config = utils.apply_overrides(utils.load_config(args.config), args.opts)
+    if args.text_encoder:
+        config['text_encoder'] = config['tokenizer'] = args.text_encoder
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    utils.init_distributed_mode(args)
+    utils.setup_logging(args.output_dir)
+    device = torch.device(args.device)
+    utils.set_seed(args.seed)
+    if utils.is_main_process():
+        utils.save_config(config, os.path.join(args.output_dir, 'config.yaml'))
+
+    train_set, test_set = create_dataset('grounding', config)
+    world, rank = utils.get_world_size(), utils.get_rank()
+    samplers = (create_sampler([train_set, test_set], [True, False], world, rank)
+                if args.distributed else [None, None])
+    train_loader, test_loader = create_loader(
+        [train_set, test_set], samplers, batch_size=[config['batch_size']] * 2,
+        num_workers=[config['num_workers']] * 2, is_trains=[not args.evaluate, False],
+        collate_fns=[None, None])
+    refer = load_refer(config['refcoco_data'], 'refcoco+', 'unc')
+    with open(config['det_file'], encoding='utf-8') as f:
+        dets = json.load(f)
+
+    tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
+    model = ALBEF(config=config, text_encoder=config['text_encoder'], tokenizer=tokenizer)
+    if args.checkpoint:
+        load_retrieval_checkpoint(model, args.checkpoint)
+    model = model.to(device)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+    optimizer = create_optimizer(config['optimizer'], model_without_ddp)
+    lr_scheduler = create_scheduler(config['schedular'], optimizer)
+
+    max_epoch = config['schedular']['epochs']
+    warmup_epochs = config['schedular']['warmup_epochs']
+    train_step = make_train_step(tokenizer, device)
+    best, best_epoch = -1.0, None
+    for epoch in range(0, 1 if args.evaluate else max_epoch):
+        train_stats = {}
+        if not args.evaluate:
+            if args.distributed:
+                train_loader.sampler.set_epoch(epoch)
+            train_stats = train_one_epoch(model, train_loader, optimizer, lr_scheduler, epoch,
+                                          device, config, train_step,
+                                          warmup_steps=100 * warmup_epochs,
+                                          warm_up=config['warm_up'],
+                                          print_freq=config['print_freq'], stats_fmt=None)
+        results = localise(model_without_ddp, test_loader, tokenizer, device, args.gradcam_mode,
+                           args.block_num)
+        accuracy = grounding_eval(results, dets, refer, alpha=0.5)
+        logger.info('epoch %d grounding accuracy %s', epoch, accuracy)
+        if utils.is_main_process():
+            utils.append_log(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
+                                               **accuracy, 'epoch': epoch})
+            if not args.evaluate and accuracy['val_d'] > best:
+                best, best_epoch = accuracy['val_d'], epoch
+                utils.save_checkpoint({'model': model_without_ddp.state_dict(),
+                                       'optimizer': optimizer.state_dict(),
+                                       'lr_scheduler': lr_scheduler.state_dict(),
+                                       'config': config, 'epoch': epoch},
+                                      os.path.join(args.output_dir, 'checkpoint_best.pth'))
+        if not args.evaluate:
+            lr_scheduler.step(epoch + warmup_epochs + 1)
+        utils.barrier()
+
+    if best_epoch is not None:
+        logger.info('best epoch: %d (val_d %.4f)', best_epoch, best)
+        if utils.is_main_process():
+            utils.append_log(args.output_dir, {'best_epoch': best_epoch})
+    utils.destroy_distributed()
+    return {'accuracy': accuracy, 'best_epoch': best_epoch}
+
+
+if __name__ == '__main__':
+    main()
