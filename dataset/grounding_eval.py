@@ -5,15 +5,15 @@ by the map mass inside it divided by (box area)^alpha; the best box is correct w
 the annotated box is at least 0.5. Accuracy is reported per RefCOCO+ split (val, testA, testB).
 """
 import torch
-import torch.nn.functional as F
+
+from models.gradcam import upsample
 
 SPLIT_KEYS = {'val': 'val_d', 'testA': 'testA_d', 'testB': 'testB_d'}
 
 
 def upsample_map(cam, height, width):
     """A (h, w) map resized bicubically (align_corners False) to (height, width)."""
-    return F.interpolate(cam.view(1, 1, *cam.shape[-2:]), size=(int(height), int(width)),
-                         mode='bicubic', align_corners=False)[0, 0]
+    return upsample(cam, (int(height), int(width)))
 
 
 def box_scores(mask, boxes, alpha=0.5):

@@ -115,3 +115,28 @@ def gradcam(model, image, text_ids, text_atts, mode='itm', block_num=8):
     if mode == 'itc':
         return itc_gradcam(model, image, text_ids, text_atts, block_num)
     raise ValueError(f"unknown gradcam mode {mode!r}; expected 'itm' or 'itc'")
+
+
+def upsample(maps, size):
+    """Bicubic resize of (..., h, w) maps to `size` (H, W), as grounding evaluation does."""
+    lead = maps.shape[:-2]
+    flat = maps.reshape(-1, 1, *maps.shape[-2:]).float()
+    resized = F.interpolate(flat, size=size, mode='bicubic', align_corners=False)
+    return resized.reshape(*lead, *size)
+
+
+def heatmaps(model, image, text_ids, text_atts, block_num, size=None):
+    """Per-token and averaged ITM Grad-CAM maps of one or more (image, text) pairs.
+
+    Returns (token_maps (B, L, H, W), average (B, H, W)) on the patch grid, or resized to
+    `size` = (H, W) (e.g. the original image size). Unlike grounding, the average runs over the
+    real tokens only (no [CLS], no padding), which is what a per-phrase picture wants.
+    """
+    cam = itm_gradcam(model, image, text_ids, text_atts, block_num)
+    token_maps = cam.token_maps  # (B, L, h, w)
+    words = text_atts.clone()
+    words[:, 0] = 0  # the [CLS] token
+    average = (token_maps * words[:, :, None, None]).sum(1) / words.sum(1).clamp(min=1)[:, None, None]
+    if size is not None:
+        token_maps, average = upsample(token_maps, size), upsample(average, size)
+    return token_maps, average
