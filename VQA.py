@@ -1,0 +1,207 @@
+"""VQA fine-tuning and answer ranking (paper section 5.1, spec 8.5).
+
+Fine-tunes the answer decoder, then answers the test questions by ranking `answer_list` and
+writes `result/vqa_result_epoch{E}.json` in the evaluation server's format
+([{"question_id": int, "answer": str}], every question once) plus `..._topk.json` with the best
+answers and their scores. A `val_file` with human answers (optional) is answered too and scored
+locally with the VQA accuracy (dataset/vqa_eval.py).
+
+From a pre-training checkpoint:
+    torchrun --nproc_per_node=8 VQA.py --config configs/VQA.yaml --output_dir output/vqa \
+        --checkpoint ALBEF.pth
+Answer the test questions with a fine-tuned checkpoint:
+    torchrun --nproc_per_node=8 VQA.py --config configs/VQA.yaml --output_dir output/vqa_eval \
+        --checkpoint output/vqa/checkpoint_07.pth --evaluate
+On the synthetic data (trains on vqa_train, scores vqa_val):
+    python VQA.py --config configs/tiny/VQA.yaml --output_dir output/vqa_tiny \
+        --checkpoint output/pretrain_tiny/checkpoint_07.pth
+"""
+import json
+import logging
+import os
+
+import torch
+
+import utils
+from dataset import create_dataset, create_loader, create_sampler, vqa_collate_fn
+from dataset.transforms import create_transform
+from dataset.vqa_dataset import vqa_dataset
+from dataset.vqa_eval import vqa_accuracy
+from engine import train_one_epoch
+from models.checkpoint import load_checkpoint, load_for_finetuning
+from models.model_vqa import ALBEF
+from models.tokenization_bert import BertTokenizer
+from optim import create_optimizer
+from scheduler import create_scheduler
+
+logger = logging.getLogger('albef.vqa')
+
+MAX_QUESTION_TOKENS = 25  # training questions only; test questions are not truncated (spec 3)
+TOPK_KEPT = 5  # answers (with scores) kept per question in the *_topk.json file
+
+
+def make_train_step(tokenizer, device):
+    def train_step(model, batch, alpha):
+        image, questions, answers, weights, counts = batch
+        question = tokenizer(list(questions), padding='longest', truncation=True,
+                             max_length=MAX_QUESTION_TOKENS, return_tensors='pt').to(device)
+        answer = tokenizer(list(answers), padding='longest', return_tensors='pt').to(device)
+        loss = model(image.to(device, non_blocking=True), question, answer, alpha=alpha, k=counts,
+                     weights=weights.to(device, non_blocking=True), train=True)
+        return {'loss': loss}
+    return train_step
+
+
+@torch.no_grad()
+def answer_questions(model, data_loader, tokenizer, device, config, print_freq=50):
+    """Rank the answer list for every question of `data_loader` (all ranks merged).
+
+    Returns one result per distinct question id, in dataset order:
+    {"question_id", "answer", "topk": [{"answer", "score"}, ...]} (best first).
+    """
+    model.eval()
+    answer_list = data_loader.dataset.answer_list
+    # The answer list is tokenised once, with eos (the decoder's stop token) appended.
+    answers = tokenizer([answer + config['eos'] for answer in answer_list], padding='longest',
+                        return_tensors='pt').to(device)
+    k = min(config['k_test'], len(answer_list))  # the original needs k_test <= len(answer_list)
+    results = []
+    metric_logger = utils.MetricLogger(delimiter='  ')
+    for image, questions, question_ids in metric_logger.log_every(data_loader, print_freq,
+                                                                  'Answering:'):
+        question = tokenizer(list(questions), padding='longest', return_tensors='pt').to(device)
+        topk_ids, topk_probs = model(image.to(device, non_blocking=True), question, answers, k=k,
+                                     train=False)  # (B, k) each, best first
+        for qid, ids, probs in zip(question_ids.tolist(), topk_ids.tolist(), topk_probs.tolist()):
+            results.append({'question_id': int(qid), 'answer': answer_list[ids[0]],
+                            'topk': [{'answer': answer_list[i], 'score': p}
+                                     for i, p in zip(ids[:TOPK_KEPT], probs[:TOPK_KEPT])]})
+    return merge_results(utils.all_gather_objects(results),
+                         [ann['question_id'] for ann in data_loader.dataset.ann])
+
+
+def merge_results(per_rank, question_ids):
+    """The ranks' results as one list in `question_ids` order, each question once.
+
+    NOTE(fixed): the DistributedSampler pads the last ranks with repeated questions, which the
+    original left in its result file; the first answer of each question id is kept here.
+    """
+    by_id = {}
+    for results in per_rank:
+        for result in results:
+            by_id.setdefault(result['question_id'], result)
+    missing = set(question_ids) - set(by_id)
+    if missing:
+        raise RuntimeError(f'{len(missing)} questions were not answered, e.g. {sorted(missing)[:5]}')
+    return [by_id[qid] for qid in dict.fromkeys(question_ids)]
+
+
+def save_results(results, result_dir, name):
+    """`name`.json in the server format and `name`_topk.json with the scored candidates."""
+    os.makedirs(result_dir, exist_ok=True)
+    path = os.path.join(result_dir, f'{name}.json')
+    with open(path, 'w') as f:
+        json.dump([{'question_id': r['question_id'], 'answer': r['answer']} for r in results], f)
+    with open(os.path.join(result_dir, f'{name}_topk.json'), 'w') as f:
+        json.dump(results, f)
+    logger.info('%d answers written to %s', len(results), path)
+    return path
+
+
+def main(argv=None):
+    parser = utils.get_args_parser('ALBEF visual question answering')
+    parser.add_argument('--evaluate', action='store_true',
+                        help='only answer the questions with the fine-tuned --checkpoint')
+    parser.add_argument('--text_decoder', default=None,
+                        help="BERT weights of the answer decoder; overrides the config's text_decoder")
+    args = parser.parse_args(argv)
+    if args.evaluate and not args.checkpoint:
+        parser.error('--evaluate needs --checkpoint (a fine-tuned VQA checkpoint)')
+    config = utils.apply_overrides(utils.load_config(args.config), args.opts)
+    if args.text_encoder:
+        config['text_encoder'] = config['tokenizer'] = args.text_encoder
+    if args.text_decoder:
+        config['text_decoder'] = args.text_decoder
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    utils.init_distributed_mode(args)
+    utils.setup_logging(args.output_dir)
+    device = torch.device(args.device)
+    utils.set_seed(args.seed)
+    if utils.is_main_process():
+        utils.save_config(config, os.path.join(args.output_dir, 'config.yaml'))
+
+    train_set, test_set = create_dataset('vqa', config)
+    eval_sets = {'test': test_set}
+    if config.get('val_file'):  # questions with human answers, answered and scored locally
+        eval_sets['val'] = vqa_dataset(config['val_file'],
+                                       create_transform('test', config['image_res']),
+                                       config['vqa_root'], config['vg_root'], eos=config['eos'],
+                                       split='test', answer_list=config['answer_list'])
+    datasets = [train_set, *eval_sets.values()]
+    samplers = (create_sampler(datasets, [True] + [False] * len(eval_sets), utils.get_world_size(),
+                               utils.get_rank()) if args.distributed else [None] * len(datasets))
+    train_loader, *eval_loaders = create_loader(
+        datasets, samplers,
+        batch_size=[config['batch_size_train']] + [config['batch_size_test']] * len(eval_sets),
+        num_workers=[config.get('num_workers', 4)] * len(datasets),
+        is_trains=[not args.evaluate] + [False] * len(eval_sets),
+        collate_fns=[vqa_collate_fn] + [None] * len(eval_sets))
+
+    tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
+    model = ALBEF(config=config, text_encoder=config['text_encoder'],
+                  text_decoder=config['text_decoder'], tokenizer=tokenizer)
+    if args.evaluate:
+        load_checkpoint(model, args.checkpoint, kind='vqa')
+    elif args.checkpoint:
+        load_for_finetuning(model, args.checkpoint, target_kind='vqa')
+    model = model.to(device)
+    optimizer = create_optimizer(config['optimizer'], model)
+    lr_scheduler = create_scheduler(config['schedular'], optimizer)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+
+    max_epoch = config['schedular']['epochs']
+    warmup_epochs = config['schedular']['warmup_epochs']
+    print_freq = config.get('print_freq', 50)
+    train_step = make_train_step(tokenizer, device)
+    epoch = 0
+    for epoch in range(0, 0 if args.evaluate else max_epoch):
+        if epoch > 0:
+            lr_scheduler.step(epoch + warmup_epochs)
+        if args.distributed:
+            train_loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, train_loader, optimizer, lr_scheduler, epoch, device,
+                                      config, train_step, warmup_steps=100 * warmup_epochs,
+                                      warm_up=config['warm_up'], print_freq=print_freq,
+                                      stats_fmt=None)
+        if utils.is_main_process():
+            utils.save_checkpoint({'model': model_without_ddp.state_dict(),
+                                   'optimizer': optimizer.state_dict(),
+                                   'lr_scheduler': lr_scheduler.state_dict(),
+                                   'config': config, 'epoch': epoch},
+                                  os.path.join(args.output_dir, f'checkpoint_{epoch:02d}.pth'))
+        utils.append_log(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
+                                           'epoch': epoch})
+        utils.barrier()
+
+    # The final model answers every evaluation split (the original: the test split only).
+    summary, result_dir = {'epoch': epoch}, os.path.join(args.output_dir, 'result')
+    for split, loader in zip(eval_sets, eval_loaders):
+        results = answer_questions(model_without_ddp, loader, tokenizer, device, config, print_freq)
+        if utils.is_main_process():
+            name = f'vqa_result_epoch{epoch}' if split == 'test' else f'vqa_{split}_result_epoch{epoch}'
+            summary[f'{split}_result_file'] = save_results(results, result_dir, name)
+        if all('answer' in ann for ann in loader.dataset.ann):  # human answers to score against
+            summary[f'{split}_vqa_acc'] = vqa_accuracy(results, loader.dataset.ann)
+            logger.info('%s VQA accuracy: %.4f', split, summary[f'{split}_vqa_acc'])
+        utils.barrier()
+    utils.append_log(args.output_dir, {k: v for k, v in summary.items() if not k.endswith('_file')})
+    utils.destroy_distributed()
+    return summary
+
+
+if __name__ == '__main__':
+    main()
