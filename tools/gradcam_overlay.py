@@ -38,23 +38,30 @@ def overlay(image, heat, weight=0.5):
     return Image.fromarray(blended.astype(np.uint8))
 
 
+def save_overlays(image, tokens, token_maps, average, out_dir):
+    """Write <out_dir>/00_average.png and one PNG per word piece (`token_maps[i]` for
+    `tokens[i]`, maps (H, W) at the size of the PIL `image`); returns the written paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, '00_average.png')]
+    overlay(image, np.asarray(average)).save(paths[0])
+    for i, (token, heat) in enumerate(zip(tokens, token_maps), start=1):
+        name = re.sub(r'[^A-Za-z0-9]+', '', token) or 'token'
+        paths.append(os.path.join(out_dir, f'{i:02d}_{name}.png'))
+        overlay(image, np.asarray(heat)).save(paths[-1])
+    return paths
+
+
 def write_overlays(model, tokenizer, image_path, text, block_num, image_res, out_dir, device='cpu'):
-    """Write <out_dir>/00_average.png and one PNG per word piece; returns the written paths."""
+    """Grad-CAM of `text` on the image at `image_path`, written by save_overlays."""
     image = load_image(image_path)
     pixels = create_transform('test', image_res)(image).unsqueeze(0).to(device)
     text_input = tokenizer([pre_caption(text, 30)], return_tensors='pt').to(device)
     token_maps, average = heatmaps(model, pixels, text_input.input_ids,
                                    text_input.attention_mask, block_num,
                                    size=(image.height, image.width))
-    os.makedirs(out_dir, exist_ok=True)
     tokens = tokenizer.convert_ids_to_tokens(text_input.input_ids[0].tolist())
-    paths = [os.path.join(out_dir, '00_average.png')]
-    overlay(image, average[0].cpu().numpy()).save(paths[0])
-    for i, token in enumerate(tokens[1:], start=1):  # skip [CLS]
-        name = re.sub(r'[^A-Za-z0-9]+', '', token) or 'token'
-        paths.append(os.path.join(out_dir, f'{i:02d}_{name}.png'))
-        overlay(image, token_maps[0, i].cpu().numpy()).save(paths[-1])
-    return paths
+    return save_overlays(image, tokens[1:], token_maps[0, 1:].cpu().numpy(),  # [CLS] skipped
+                         average[0].cpu().numpy(), out_dir)
 
 
 def main(argv=None):

@@ -1,0 +1,402 @@
+"""Inference with a released or trained ALBEF checkpoint of any task, preprocessing included.
+
+    from albef import ALBEFInference
+    albef = ALBEFInference.from_checkpoint('output/retrieval/checkpoint_best.pth')
+    albef.itm_scores('dog.jpg', ['a dog on the grass', 'a plate of food'])
+    albef.retrieve_texts('dog.jpg', captions, k=5)
+
+The checkpoint's kind is read from its keys (models.checkpoint.checkpoint_kind) and the matching
+`models.model_*.ALBEF` is built from the config stored in the checkpoint (the task scripts store
+it; for a released file pass `config=` the YAML it was trained with). Loading is strict.
+
+What each kind supports:
+  pretrain, retrieval (= grounding)  image/text embeddings, ITM scores, retrieval, Grad-CAM
+  vqa                                 answer
+  ve, nlvr                            classify
+  pretrain_nlvr                       nothing beyond loading (text-assignment head only)
+"""
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from dataset.images import load_image
+from dataset.nlvr_dataset import LABELS as NLVR_LABELS
+from dataset.transforms import create_transform
+from dataset.utils import pre_caption, pre_question
+from dataset.ve_dataset import LABELS as VE_LABELS
+from dataset.vqa_dataset import MAX_QUESTION_WORDS
+from models import (model_nlvr, model_pretrain, model_pretrain_nlvr, model_retrieval, model_ve,
+                    model_vqa)
+from models.checkpoint import (CheckpointError, checkpoint_kind, load_checkpoint,
+                               load_retrieval_checkpoint, read_checkpoint, state_dict_of)
+from models.gradcam import heatmaps
+from models.tokenization_bert import BertTokenizer
+from utils import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {'pretrain': model_pretrain, 'retrieval': model_retrieval, 'vqa': model_vqa,
+          've': model_ve, 'nlvr': model_nlvr, 'pretrain_nlvr': model_pretrain_nlvr}
+ITC_ITM_KINDS = ('pretrain', 'retrieval')
+MAX_CAPTION_WORDS = 30  # pre_caption's word limit in every dataset
+MAX_CAPTION_TOKENS = 30  # retrieval evaluation's tokenizer truncation
+
+
+class KindError(ValueError):
+    """A method was called on a checkpoint kind that lacks the head it needs."""
+
+
+@dataclass
+class Gallery:
+    """Items (image sources or caption strings) and their normalised ITC features (N, E)."""
+    items: list
+    features: torch.Tensor
+
+
+@dataclass
+class GradCAMMaps:
+    image: Image.Image  # the input as RGB
+    tokens: list  # word pieces of the cleaned text ([CLS] dropped)
+    token_maps: torch.Tensor  # (len(tokens), H, W) at the image's own resolution
+    average: torch.Tensor  # (H, W): the mean over the word pieces
+
+
+class DualEncoder(nn.Module):
+    """The ITC / ITM parts of a pre-training or retrieval model behind one interface (the one
+    models/gradcam.py expects): a BertModel text encoder, the projections and the ITM head.
+    Holds the model's own modules, no copies."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.visual_encoder = model.visual_encoder
+        text_encoder = model.text_encoder
+        self.text_encoder = getattr(text_encoder, 'bert', text_encoder)  # BertForMaskedLM -> bert
+        self.vision_proj, self.text_proj = model.vision_proj, model.text_proj
+        self.itm_head = model.itm_head
+
+    def image_states(self, pixels):
+        return self.visual_encoder(pixels)  # (B, N, Dv)
+
+    def image_features(self, image_embeds):
+        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)  # (B, E)
+
+    def text_states(self, input_ids, attention_mask):
+        return self.text_encoder(input_ids, attention_mask=attention_mask, return_dict=True,
+                                 mode='text').last_hidden_state  # (B, L, D)
+
+    def text_features(self, text_embeds):
+        return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)  # (B, E)
+
+    def itm_logits(self, image_embeds, text_embeds, text_atts):
+        """ITM logits (B, 2) of pairs (image b, text b); column 1 is "match"."""
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long,
+                                device=image_embeds.device)
+        hidden = self.text_encoder(encoder_embeds=text_embeds, attention_mask=text_atts,
+                                   encoder_hidden_states=image_embeds,
+                                   encoder_attention_mask=image_atts, return_dict=True,
+                                   mode='fusion').last_hidden_state
+        return self.itm_head(hidden[:, 0])
+
+
+def _resolve(path):
+    """A relative path from a stored config, tried from the working directory, then the repository."""
+    if isinstance(path, str) and not os.path.isabs(path) and not os.path.exists(path) \
+            and (ROOT / path).exists():
+        return str(ROOT / path)
+    return path
+
+
+def _has_momentum(state_dict):
+    return any(key.split('.', 1)[0].endswith('_m') for key in state_dict)
+
+
+def build_model(kind, config, tokenizer, state_dict):
+    """The task's ALBEF for `config`, random weights, sized to fit `state_dict`.
+
+    Keys that only matter for training get defaults, the feature-queue length is the
+    checkpoint's, and the distilled tasks build momentum models only if the file holds them.
+    """
+    config = {'distill': False, 'momentum': 0.995, 'temp': 0.07, 'queue_size': 256,
+              'mlm_probability': 0.15, **config}
+    config['bert_config'] = _resolve(config['bert_config'])
+    if 'image_queue' in state_dict:
+        config['queue_size'] = state_dict['image_queue'].shape[1]
+    if kind in ('vqa', 've', 'nlvr'):
+        config['distill'] = _has_momentum(state_dict)
+    # Every weight comes from the checkpoint: no BERT / DeiT initialisation is downloaded.
+    extra = {'pretrain': {'init_deit': False}, 'vqa': {'text_decoder': None}}.get(kind, {})
+    return MODELS[kind].ALBEF(config=config, text_encoder=None, tokenizer=tokenizer, **extra)
+
+
+def load_model(state_dict, config, tokenizer, source='the checkpoint'):
+    """(kind, model) with `state_dict` loaded strictly into the ALBEF of its kind."""
+    kind = checkpoint_kind(state_dict)
+    if kind not in MODELS:
+        raise CheckpointError(f'{source}: not an ALBEF checkpoint of a known task (kinds: '
+                              f'{sorted(MODELS)})')
+    model = build_model(kind, config, tokenizer, state_dict)
+    if kind == 'retrieval':  # also the released online-only files (mscoco.pth, refcoco.pth)
+        load_retrieval_checkpoint(model, state_dict)
+    else:
+        load_checkpoint(model, state_dict, kind=kind)
+    return kind, model
+
+
+class ALBEFInference:
+    """A loaded checkpoint in eval mode with preprocessing. Public methods take images as paths,
+    PIL images or uint8 arrays (H, W[, 3|4]) and texts as raw strings; results are on the CPU."""
+
+    def __init__(self, model, kind, config, tokenizer, device='cpu', source='the model',
+                 batch_size=32):
+        self.model = model.to(device).eval()
+        self.kind, self.config, self.tokenizer = kind, config, tokenizer
+        self.device, self.source, self.batch_size = torch.device(device), source, batch_size
+        self.transform = create_transform('test', config['image_res'])
+        self.dual = DualEncoder(model) if kind in ITC_ITM_KINDS else None
+
+    @classmethod
+    def from_checkpoint(cls, path, config=None, tokenizer=None, device=None):
+        """config: the YAML path or dict the checkpoint was trained with (default: the one stored
+        in the file); tokenizer: a BertTokenizer, a hub name or a folder (default: the config's);
+        device: default cuda if available."""
+        checkpoint = read_checkpoint(path)
+        state_dict = state_dict_of(checkpoint, str(path))
+        if config is None:
+            config = checkpoint.get('config') if isinstance(checkpoint, dict) else None
+            if not isinstance(config, dict):
+                raise ValueError(f'{path} stores no config (released files do not): pass config= '
+                                 f'(--config) the YAML it was trained with, e.g. '
+                                 f'configs/Retrieval_coco.yaml')
+        elif not isinstance(config, dict):
+            config = load_config(config)
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            name = (tokenizer or config.get('tokenizer') or config.get('text_encoder')
+                    or 'bert-base-uncased')
+            tokenizer = BertTokenizer.from_pretrained(_resolve(str(name)))
+        kind, model = load_model(state_dict, config, tokenizer, source=str(path))
+        device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+        return cls(model, kind, config, tokenizer, device, source=str(path))
+
+    # ---- preprocessing ----------------------------------------------------------------------
+
+    @staticmethod
+    def to_pil(image):
+        if isinstance(image, Image.Image):
+            return image if image.mode == 'RGB' else image.convert('RGB')
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim not in (2, 3):
+                raise TypeError(f'image arrays must be uint8 (H, W) or (H, W, C), got '
+                                f'{image.dtype} {image.shape}')
+            return Image.fromarray(image).convert('RGB')
+        if isinstance(image, (str, os.PathLike)):
+            return load_image(image)
+        raise TypeError(f'an image is a path, a PIL image or a uint8 array, not '
+                        f'{type(image).__name__}')
+
+    def preprocess_images(self, images):
+        """The test transform (square bicubic resize to image_res, CLIP normalisation):
+        (B, 3, R, R) on the model's device."""
+        return torch.stack([self.transform(self.to_pil(image)) for image in images]).to(self.device)
+
+    def tokenize(self, texts, question=False):
+        """pre_caption (or pre_question) cleaning, then `[CLS] text` padded to the longest."""
+        if question:  # as VQA's test split: no token truncation
+            texts = [pre_question(text, MAX_QUESTION_WORDS['test']) for text in texts]
+            return self.tokenizer(texts, padding='longest', return_tensors='pt').to(self.device)
+        texts = [pre_caption(text, MAX_CAPTION_WORDS) for text in texts]
+        return self.tokenizer(texts, padding='longest', truncation=True,
+                              max_length=MAX_CAPTION_TOKENS, return_tensors='pt').to(self.device)
+
+    def _require(self, method, kinds, what):
+        if self.kind not in kinds:
+            names = ' / '.join('retrieval / grounding' if k == 'retrieval' else k for k in kinds)
+            raise KindError(f'{method} needs {what} ({names} checkpoints); {self.source} is a '
+                            f'{self.kind!r} checkpoint')
+
+    def _itc_itm(self, method):
+        self._require(method, ITC_ITM_KINDS, 'the ITC projections and the ITM head')
+        return self.dual
+
+    @staticmethod
+    def _batches(items, size):
+        items = list(items)
+        return [items[i:i + size] for i in range(0, len(items), size)]
+
+    # ---- embeddings and matching -------------------------------------------------------------
+
+    @torch.no_grad()
+    def image_embeddings(self, images):
+        """Normalised projected [CLS] features (N, E) of the images (ITC space)."""
+        dual = self._itc_itm('image_embeddings')
+        feats = [dual.image_features(dual.image_states(self.preprocess_images(batch)))
+                 for batch in self._batches(images, self.batch_size)]
+        return torch.cat(feats).float().cpu()
+
+    @torch.no_grad()
+    def text_embeddings(self, texts):
+        """Normalised projected [CLS] features (N, E) of the texts (ITC space)."""
+        dual = self._itc_itm('text_embeddings')
+        feats = []
+        for batch in self._batches(texts, self.batch_size):
+            text = self.tokenize(batch)
+            feats.append(dual.text_features(dual.text_states(text.input_ids, text.attention_mask)))
+        return torch.cat(feats).float().cpu()
+
+    @torch.no_grad()
+    def _itm(self, image_embeds, texts):
+        """ITM logits (P, 2) of image_embeds[p] with texts[p], P = len(texts)."""
+        logits = []
+        for start in range(0, len(texts), self.batch_size):
+            text = self.tokenize(texts[start:start + self.batch_size])
+            text_embeds = self.dual.text_states(text.input_ids, text.attention_mask)
+            logits.append(self.dual.itm_logits(image_embeds[start:start + len(text.input_ids)],
+                                               text_embeds, text.attention_mask))
+        return torch.cat(logits).float()
+
+    @torch.no_grad()
+    def itm_scores(self, images, texts, logits=False):
+        """ITM match probability (P,) of each (image, text) pair (raw match logit if `logits`).
+
+        `images` and `texts` have the same length, or one of them is a single item paired with
+        every item of the other."""
+        self._itc_itm('itm_scores')
+        images = [images] if not isinstance(images, (list, tuple)) else list(images)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if len(images) != len(texts) and 1 not in (len(images), len(texts)):
+            raise ValueError(f'{len(images)} images and {len(texts)} texts: give equal numbers, '
+                             'or one image or one text')
+        pairs = max(len(images), len(texts))
+        scores = []
+        for start in range(0, pairs, self.batch_size):
+            idx = range(start, min(pairs, start + self.batch_size))
+            batch_images = images if len(images) == 1 else [images[i] for i in idx]
+            image_embeds = self.dual.image_states(self.preprocess_images(batch_images))
+            image_embeds = image_embeds.expand(len(idx), -1, -1)
+            out = self._itm(image_embeds, [texts[0 if len(texts) == 1 else i] for i in idx])
+            scores.append(out[:, 1] if logits else out.softmax(dim=1)[:, 1])
+        return torch.cat(scores).cpu()
+
+    def encode_images(self, images):
+        """A gallery to search with retrieve_images (features computed once)."""
+        return Gallery(list(images), self.image_embeddings(images))
+
+    def encode_texts(self, texts):
+        """A gallery to search with retrieve_texts (features computed once)."""
+        return Gallery(list(texts), self.text_embeddings(texts))
+
+    def _rank(self, sims, rescore, k, k_test, gallery):
+        """Top `k_test` by ITC cosine, re-ranked by the raw ITM match logit (as retrieval
+        evaluation does); the best `k` as dicts."""
+        k_test = min(k_test or self.config.get('k_test', 128), len(sims))
+        candidates = sims.topk(k_test).indices.tolist()
+        logits = rescore(candidates)  # (k_test, 2)
+        order = logits[:, 1].argsort(descending=True)[:k].tolist()
+        probs = logits.softmax(dim=1)[:, 1]
+        return [{'index': candidates[j], 'item': gallery.items[candidates[j]],
+                 'itm': float(probs[j]), 'itm_logit': float(logits[j, 1]),
+                 'itc': float(sims[candidates[j]])} for j in order]
+
+    @torch.no_grad()
+    def retrieve_texts(self, image, texts, k=5, k_test=None):
+        """The k best texts for `image` among `texts` (a list or an encode_texts gallery):
+        [{'index', 'item', 'itm', 'itm_logit', 'itc'}, ...], best first. k_test: the ITC
+        shortlist re-ranked by ITM (default: the config's k_test, else 128)."""
+        dual = self._itc_itm('retrieve_texts')
+        gallery = texts if isinstance(texts, Gallery) else self.encode_texts(texts)
+        image_embeds = dual.image_states(self.preprocess_images([image]))  # (1, N, Dv)
+        sims = gallery.features @ dual.image_features(image_embeds)[0].float().cpu()  # (T,)
+
+        def rescore(candidates):
+            return self._itm(image_embeds.expand(len(candidates), -1, -1),
+                             [gallery.items[c] for c in candidates]).cpu()
+        return self._rank(sims, rescore, k, k_test, gallery)
+
+    @torch.no_grad()
+    def retrieve_images(self, text, images, k=5, k_test=None):
+        """The k best images for `text` among `images` (a list or an encode_images gallery),
+        as retrieve_texts. Only the shortlisted images go through the ViT a second time, so a
+        gallery never holds more than `batch_size` images' token states."""
+        dual = self._itc_itm('retrieve_images')
+        gallery = images if isinstance(images, Gallery) else self.encode_images(images)
+        sims = gallery.features @ self.text_embeddings([text])[0]  # (I,)
+
+        def rescore(candidates):
+            logits = []
+            for batch in self._batches(candidates, self.batch_size):
+                image_embeds = dual.image_states(self.preprocess_images(
+                    [gallery.items[c] for c in batch]))
+                logits.append(self._itm(image_embeds, [text] * len(batch)))
+            return torch.cat(logits).cpu()
+        return self._rank(sims, rescore, k, k_test, gallery)
+
+    # ---- task heads ------------------------------------------------------------------------
+
+    def answer_list(self):
+        """The config's answer_list file (VQA's candidate answers)."""
+        path = _resolve(self.config.get('answer_list'))
+        if not path or not os.path.isfile(path):
+            raise ValueError(f'no candidate answers: pass candidates=[...] (the config\'s '
+                             f'answer_list {path!r} is not a file)')
+        with open(path) as f:
+            return json.load(f)
+
+    @torch.no_grad()
+    def answer(self, image, question, candidates=None, k=5, k_test=None):
+        """The k best answers to `question` about `image` among `candidates` (default: the
+        config's answer list): [{'answer', 'score'}, ...], best first. As VQA evaluation, the
+        k_test answers with the likeliest first token are re-ranked by their full likelihood;
+        scores are a softmax over that shortlist."""
+        self._require('answer', ('vqa',), 'the answer decoder')
+        candidates = list(candidates) if candidates is not None else self.answer_list()
+        eos = self.config.get('eos', '[SEP]')
+        answers = self.tokenizer([c + eos for c in candidates], padding='longest',
+                                 return_tensors='pt').to(self.device)
+        shortlist = min(k_test or self.config.get('k_test', 128), len(candidates))
+        ids, probs = self.model(self.preprocess_images([image]), self.tokenize([question], True),
+                                answers, k=shortlist, train=False)
+        return [{'answer': candidates[i], 'score': p}
+                for i, p in zip(ids[0, :k].tolist(), probs[0, :k].tolist())]
+
+    @torch.no_grad()
+    def classify(self, images, text):
+        """SNLI-VE: `images` is one image and `text` a hypothesis -> {'entailment', 'neutral',
+        'contradiction'} probabilities. NLVR2: `images` is the (left, right) pair and `text` a
+        statement -> {'True', 'False'} probabilities."""
+        self._require('classify', ('ve', 'nlvr'), 'a classification head')
+        pair = self.kind == 'nlvr'
+        if pair and len(images) != 2:
+            raise ValueError('an NLVR2 checkpoint classifies a pair of images: pass (left, right)')
+        pixels = self.preprocess_images(list(images) if pair else [images])  # (1 or 2, 3, R, R)
+        probs = self.model(pixels, self.tokenize([text]), None, train=False).softmax(dim=1)[0]
+        labels = NLVR_LABELS if pair else VE_LABELS
+        return {name: float(probs[index]) for name, index in labels.items()}
+
+    def gradcam(self, image, text, block_num=None):
+        """Grad-CAM of the ITM match score through the cross-attention of text-encoder layer
+        `block_num` (default: fusion_layer + 2, i.e. 8 in BERT-base as in the paper): one map
+        per word piece and their average, at the image's resolution. In the last layer only the
+        [CLS] row reaches the ITM head, so its word maps are zero; the default stays below it
+        when the model has more than one fusion layer."""
+        dual = self._itc_itm('gradcam')
+        bert = dual.text_encoder.config
+        if block_num is None:
+            block_num = min(bert.fusion_layer + 2,
+                            max(bert.fusion_layer, bert.num_hidden_layers - 2))
+        if not bert.fusion_layer <= block_num < bert.num_hidden_layers:
+            raise ValueError(f'block_num {block_num}: the fusion layers with cross-attention are '
+                             f'{bert.fusion_layer}..{bert.num_hidden_layers - 1}')
+        picture = self.to_pil(image)
+        text_input = self.tokenize([text])
+        token_maps, average = heatmaps(dual, self.preprocess_images([picture]), text_input.input_ids,
+                                       text_input.attention_mask, block_num,
+                                       size=(picture.height, picture.width))
+        dual.zero_grad(set_to_none=True)  # the backward pass left parameter gradients
+        tokens = self.tokenizer.convert_ids_to_tokens(text_input.input_ids[0].tolist())
+        return GradCAMMaps(picture, tokens[1:], token_maps[0, 1:].detach().float().cpu(),
+                           average[0].detach().float().cpu())
