@@ -228,6 +228,15 @@ class ALBEFInference:
         items = list(items)
         return [items[i:i + size] for i in range(0, len(items), size)]
 
+    @staticmethod
+    def _images(images):
+        """A list of images from one image or a sequence of them."""
+        return list(images) if isinstance(images, (list, tuple)) else [images]
+
+    @staticmethod
+    def _texts(texts):
+        return [texts] if isinstance(texts, str) else list(texts)
+
     # ---- embeddings and matching -------------------------------------------------------------
 
     @torch.no_grad()
@@ -235,7 +244,7 @@ class ALBEFInference:
         """Normalised projected [CLS] features (N, E) of the images (ITC space)."""
         dual = self._itc_itm('image_embeddings')
         feats = [dual.image_features(dual.image_states(self.preprocess_images(batch)))
-                 for batch in self._batches(images, self.batch_size)]
+                 for batch in self._batches(self._images(images), self.batch_size)]
         return torch.cat(feats).float().cpu()
 
     @torch.no_grad()
@@ -243,7 +252,7 @@ class ALBEFInference:
         """Normalised projected [CLS] features (N, E) of the texts (ITC space)."""
         dual = self._itc_itm('text_embeddings')
         feats = []
-        for batch in self._batches(texts, self.batch_size):
+        for batch in self._batches(self._texts(texts), self.batch_size):
             text = self.tokenize(batch)
             feats.append(dual.text_features(dual.text_states(text.input_ids, text.attention_mask)))
         return torch.cat(feats).float().cpu()
@@ -266,8 +275,7 @@ class ALBEFInference:
         `images` and `texts` have the same length, or one of them is a single item paired with
         every item of the other."""
         self._itc_itm('itm_scores')
-        images = [images] if not isinstance(images, (list, tuple)) else list(images)
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        images, texts = self._images(images), self._texts(texts)
         if len(images) != len(texts) and 1 not in (len(images), len(texts)):
             raise ValueError(f'{len(images)} images and {len(texts)} texts: give equal numbers, '
                              'or one image or one text')
@@ -284,11 +292,11 @@ class ALBEFInference:
 
     def encode_images(self, images):
         """A gallery to search with retrieve_images (features computed once)."""
-        return Gallery(list(images), self.image_embeddings(images))
+        return Gallery(self._images(images), self.image_embeddings(images))
 
     def encode_texts(self, texts):
         """A gallery to search with retrieve_texts (features computed once)."""
-        return Gallery(list(texts), self.text_embeddings(texts))
+        return Gallery(self._texts(texts), self.text_embeddings(texts))
 
     def _rank(self, sims, rescore, k, k_test, gallery):
         """Top `k_test` by ITC cosine, re-ranked by the raw ITM match logit (as retrieval

@@ -90,6 +90,8 @@ def test_embeddings_and_itm_equal_the_model(setup, kind, module, kwargs):
     assert torch.allclose(api.image_embeddings(inputs), image_feat, atol=1e-5)
     assert torch.allclose(api.text_embeddings(CAPTIONS[:4]), text_feat, atol=1e-5)
     assert torch.allclose(api.image_embeddings(inputs).norm(dim=1), torch.ones(3))
+    assert torch.equal(api.image_embeddings(inputs[1]), api.image_embeddings(inputs[1:2]))  # one
+    assert torch.equal(api.text_embeddings(CAPTIONS[0]), api.text_embeddings(CAPTIONS[:1]))
 
     with torch.no_grad():  # pairs (image b, text b)
         hidden = model.fusion(text_embeds[:3], text.attention_mask[:3], image_embeds)
