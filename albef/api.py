@@ -36,7 +36,7 @@ from models import (model_nlvr, model_pretrain, model_pretrain_nlvr, model_retri
                     model_vqa)
 from models.checkpoint import (CheckpointError, checkpoint_kind, load_checkpoint,
                                load_retrieval_checkpoint, read_checkpoint, state_dict_of)
-from models.gradcam import heatmaps
+from models.gradcam import default_block, heatmaps
 from models.tokenization_bert import BertTokenizer
 from utils import load_config
 
@@ -394,8 +394,7 @@ class ALBEFInference:
         dual = self._itc_itm('gradcam')
         bert = dual.text_encoder.config
         if block_num is None:
-            block_num = min(bert.fusion_layer + 2,
-                            max(bert.fusion_layer, bert.num_hidden_layers - 2))
+            block_num = default_block(bert)
         if not bert.fusion_layer <= block_num < bert.num_hidden_layers:
             raise ValueError(f'block_num {block_num}: the fusion layers with cross-attention are '
                              f'{bert.fusion_layer}..{bert.num_hidden_layers - 1}')

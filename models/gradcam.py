@@ -30,6 +30,14 @@ def patch_grid(model):
     return tuple(model.visual_encoder.patch_embed.grid_size)
 
 
+def default_block(bert_config):
+    """The fusion layer whose cross-attention Grad-CAM reads by default: fusion_layer + 2 (8 in
+    BERT-base, as in the paper), kept below the last layer when there is more than one fusion
+    layer: only the [CLS] row of the last layer reaches the ITM head, so its word maps are 0."""
+    fusion, layers = bert_config.fusion_layer, bert_config.num_hidden_layers
+    return min(fusion + 2, max(fusion, layers - 2))
+
+
 def cross_attention(model, block_num):
     """The cross-attention module of text-encoder layer `block_num` (a fusion layer)."""
     layer = model.text_encoder.encoder.layer[block_num]

@@ -1,0 +1,318 @@
+"""The whole ALBEF pipeline on synthetic data, in one command:
+
+    python demo.py                      # CPU or the GPU if there is one; output/demo/
+    python demo.py --output_dir out/demo --device cpu
+
+Stages, each through the real task script and its configs/tiny YAML: synthetic data (written
+to data/synthetic if absent), pre-training (ITC + ITM + MLM with momentum distillation),
+retrieval, VQA, NLVR2 (text-assignment step, then fine-tuning), SNLI-VE and grounding. The
+metrics are measured on held-out synthetic splits that no training stage reads, and are printed
+next to the chance level and a text-only baseline estimated on the training split
+(dataset/baselines.py). Written to --output_dir: results.json, loss-curve PNGs from the
+training logs, Grad-CAM overlays, and every stage's own output folder.
+
+A finished stage leaves stages/<name>.json; running the command again skips it, and an
+interrupted pre-training continues from its last epoch checkpoint.
+"""
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DATA = 'data/synthetic'  # the path the tiny configs read (relative to the repository)
+CONFIGS = 'configs/tiny'
+
+logger = logging.getLogger('albef.demo')
+
+
+# ------------------------------------------------------------------------------------- stages
+# Each stage: (name, seconds it takes on 2 CPU cores: only for the ETA, run function).
+
+def stage_data(ctx):
+    from dataset.synthetic import generate
+    if not os.path.isfile(os.path.join(DATA, 'pretrain.json')):
+        generate(DATA, seed=0, size='small')
+    return {}
+
+
+def stage_pretrain(ctx):
+    import Pretrain
+    stats = Pretrain.main(ctx.args('Pretrain.yaml', 'pretrain', '--resume'))
+    return {'train': stats, 'checkpoint': Pretrain.latest_checkpoint(ctx.out('pretrain'))}
+
+
+def stage_retrieval(ctx):
+    import Retrieval
+    result = Retrieval.main(ctx.args('Retrieval.yaml', 'retrieval', '--checkpoint',
+                                     ctx.pretrained()))
+    from dataset.baselines import retrieval_chance
+    from dataset.caption_dataset import re_eval_dataset
+    test = re_eval_dataset(os.path.join(DATA, 'retrieval_test.json'), None, DATA)
+    chance = retrieval_chance(test.img2txt, len(test.text))
+    return {'metric': 'test R@mean (%)', 'value': result['test']['r_mean'],
+            'chance': chance['r_mean'], 'text_only': None, 'details': result['test']}
+
+
+def stage_vqa(ctx):
+    import VQA
+    from dataset.baselines import vqa_baselines
+    summary = VQA.main(ctx.args('VQA.yaml', 'vqa', '--checkpoint', ctx.pretrained()))
+    levels = vqa_baselines(read_json('vqa_train.json'), read_json('vqa_val.json'),
+                           read_json('answer_list.json'))
+    return {'metric': 'val VQA accuracy', 'value': summary['val_vqa_acc'], **levels}
+
+
+def stage_nlvr_pretrain(ctx):
+    import Pretrain_nlvr
+    stats = Pretrain_nlvr.main(ctx.args('NLVR_pretrain.yaml', 'nlvr_pretrain', '--checkpoint',
+                                        ctx.pretrained()))
+    return {'train': stats}
+
+
+def stage_nlvr(ctx):
+    import NLVR
+    from dataset.baselines import classification_baselines
+    ta = os.path.join(ctx.out('nlvr_pretrain'), 'checkpoint_00.pth')
+    result = NLVR.main(ctx.args('NLVR.yaml', 'nlvr', '--checkpoint', ta))
+    levels = classification_baselines(read_json('nlvr_train.json'), read_json('nlvr_test.json'))
+    return {'metric': 'test accuracy', 'value': result['test_acc'], **levels,
+            'details': result}
+
+
+def stage_ve(ctx):
+    import VE
+    from dataset.baselines import classification_baselines
+    result = VE.main(ctx.args('VE.yaml', 've', '--checkpoint', ctx.pretrained()))
+    levels = classification_baselines(read_json('ve_train.json'), read_json('ve_test.json'))
+    return {'metric': 'test accuracy', 'value': result['test_acc'], **levels,
+            'details': result}
+
+
+def stage_grounding(ctx):
+    import Grounding
+    from dataset.baselines import grounding_chance
+    from dataset.grounding_dataset import load_refer
+    block = str(ctx.gradcam_block())
+    result = Grounding.main(ctx.args('Grounding.yaml', 'grounding', '--checkpoint',
+                                     ctx.pretrained(), '--block_num', block))
+    with open(os.path.join(DATA, 'dets.json')) as f:
+        chance = grounding_chance(load_refer(DATA, 'refcoco+', 'unc'), json.load(f))
+    accuracy = result['accuracy']
+    test = [key for key in ('testA_d', 'testB_d') if accuracy[key] == accuracy[key]]  # not nan
+    mean = lambda d: sum(d[k] for k in test) / len(test)
+    return {'metric': 'test accuracy (IoU >= 0.5)', 'value': mean(accuracy),
+            'chance': mean(chance), 'text_only': None, 'details': accuracy}
+
+
+def stage_report(ctx):
+    figures = plot_losses(ctx)
+    overlays = gradcam_overlays(ctx)
+    return {'plots': figures, 'gradcam': overlays}
+
+
+STAGES = [
+    ('data', 10, stage_data),
+    ('pretrain', 240, stage_pretrain),
+    ('retrieval', 60, stage_retrieval),
+    ('vqa', 60, stage_vqa),
+    ('nlvr_pretrain', 40, stage_nlvr_pretrain),
+    ('nlvr', 50, stage_nlvr),
+    ('ve', 40, stage_ve),
+    ('grounding', 60, stage_grounding),
+    ('report', 10, stage_report),
+]
+TASKS = ('retrieval', 'vqa', 'nlvr', 've', 'grounding')
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+def read_json(name):
+    with open(os.path.join(DATA, name)) as f:
+        return json.load(f)
+
+
+class Context:
+    def __init__(self, output_dir, device, seed):
+        self.output_dir, self.device, self.seed = output_dir, device, seed
+
+    def out(self, stage):
+        return os.path.join(self.output_dir, stage)
+
+    def args(self, config, stage, *extra):
+        return ['--config', os.path.join(CONFIGS, config), '--output_dir', self.out(stage),
+                '--device', self.device, '--seed', str(self.seed), *extra]
+
+    def pretrained(self):
+        import Pretrain
+        path = Pretrain.latest_checkpoint(self.out('pretrain'))
+        if path is None:
+            raise FileNotFoundError(f'no pre-training checkpoint in {self.out("pretrain")}')
+        return path
+
+    def gradcam_block(self):
+        from models.albef_base import load_bert_config
+        from models.gradcam import default_block
+        from utils import load_config
+        return default_block(load_bert_config(load_config(os.path.join(CONFIGS, 'Grounding.yaml'))))
+
+
+def read_log(folder):
+    path = os.path.join(folder, 'log.txt')
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(ctx):
+    """One PNG per training stage: its per-epoch training losses from log.txt."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    written = []
+    for stage in ('pretrain', 'retrieval', 'vqa', 'nlvr_pretrain', 'nlvr', 've', 'grounding'):
+        epochs = [entry for entry in read_log(ctx.out(stage)) if 'epoch' in entry]
+        names = sorted({k for e in epochs for k in e if k.startswith('train_loss')})
+        if not epochs or not names:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+        for name in names:
+            points = [(e['epoch'], float(e[name])) for e in epochs if name in e]
+            ax.plot(*zip(*points), marker='o', label=name.removeprefix('train_'))
+        ax.set_xlabel('epoch')
+        ax.set_ylabel('training loss')
+        ax.set_title(stage)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(ctx.output_dir, f'loss_{stage}.png')
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def gradcam_overlays(ctx, count=3):
+    """Grad-CAM overlays (tools/gradcam_overlay.py) of the grounding model on a few held-out
+    referring expressions."""
+    from albef.api import ALBEFInference
+    from PIL import Image
+    from tools.gradcam_overlay import save_overlays
+
+    checkpoint = os.path.join(ctx.out('grounding'), 'checkpoint_best.pth')
+    if not os.path.isfile(checkpoint):
+        return []
+    model = ALBEFInference.from_checkpoint(checkpoint, device=ctx.device)
+    folders = []
+    for i, record in enumerate(read_json('refcoco+_test.json')[:count]):
+        image = Image.open(os.path.join(DATA, record['image'])).convert('RGB')
+        cam = model.gradcam(image, record['text'], block_num=ctx.gradcam_block())
+        folder = os.path.join(ctx.output_dir, 'gradcam', f'{i}_{record["text"].replace(" ", "_")}')
+        save_overlays(cam.image, cam.tokens, cam.token_maps.numpy(), cam.average.numpy(), folder)
+        folders.append(folder)
+    return folders
+
+
+def format_seconds(seconds):
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f'{minutes}m{seconds:02d}s'
+
+
+def results_table(results):
+    def fmt(value, metric):
+        if value is None:
+            return '-'
+        return f'{value:.1f}' if '%' in metric else f'{100 * value:.1f}%'
+    rows = [('task', 'metric (held-out split)', 'ALBEF', 'chance', 'text-only', 'time')]
+    for task in TASKS:
+        r = results.get(task)
+        if r:
+            rows.append((task, r['metric'], fmt(r['value'], r['metric']),
+                         fmt(r['chance'], r['metric']), fmt(r.get('text_only'), r['metric']),
+                         format_seconds(r['seconds'])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ['  '.join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, '  '.join('-' * w for w in widths))
+    return '\n'.join(lines)
+
+
+@contextlib.contextmanager
+def in_directory(path):
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def run(output_dir, device, seed=42, stages=None, workdir=ROOT):
+    """Run (or continue) the demo; returns the results dict also written to results.json.
+
+    `workdir` holds data/synthetic and configs/tiny (the repository; tests use a copy with
+    smaller settings)."""
+    output_dir = os.path.abspath(output_dir)
+    ctx = Context(output_dir, device, seed)
+    done_dir = os.path.join(output_dir, 'stages')
+    os.makedirs(done_dir, exist_ok=True)
+    selected = [s for s in STAGES if stages is None or s[0] in stages]
+    results, start = {}, time.time()
+    expected_left = sum(seconds for _, seconds, _ in selected)
+    spent_expected, spent = 0.0, 0.0
+    with in_directory(workdir):
+        if ROOT not in sys.path:
+            sys.path.insert(0, ROOT)
+        for number, (name, expected, function) in enumerate(selected, 1):
+            marker = os.path.join(done_dir, f'{name}.json')
+            if os.path.isfile(marker):
+                with open(marker) as f:
+                    results[name] = json.load(f)
+                print(f'[demo] stage {number}/{len(selected)} {name}: done before, skipped',
+                      flush=True)
+                expected_left -= expected
+                continue
+            # ETA: the expected seconds left, scaled by how this machine compares so far.
+            pace = spent / spent_expected if spent_expected else 1.0
+            print(f'[demo] stage {number}/{len(selected)} {name} | elapsed '
+                  f'{format_seconds(time.time() - start)} | ETA '
+                  f'{format_seconds(pace * expected_left)}', flush=True)
+            began = time.time()
+            result = function(ctx)
+            seconds = time.time() - began
+            result['seconds'] = seconds
+            spent += seconds
+            spent_expected += expected
+            expected_left -= expected
+            with open(marker, 'w') as f:
+                json.dump(result, f, indent=1, default=str)
+            results[name] = result
+    results['total_seconds'] = sum(r['seconds'] for r in results.values()
+                                   if isinstance(r, dict) and 'seconds' in r)
+    with open(os.path.join(output_dir, 'results.json'), 'w') as f:
+        json.dump(results, f, indent=1, default=str)
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--output_dir', default='output/demo')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--seed', default=42, type=int)
+    parser.add_argument('--stages', nargs='+', choices=[s[0] for s in STAGES], default=None,
+                        help='run only these stages (default: all)')
+    args = parser.parse_args(argv)
+    results = run(args.output_dir, args.device, args.seed, args.stages)
+    print('\n' + results_table(results))
+    print(f'\ntotal {format_seconds(results["total_seconds"])}; results, loss curves and '
+          f'Grad-CAM overlays in {os.path.abspath(args.output_dir)}')
+    return results
+
+
+if __name__ == '__main__':
+    main()

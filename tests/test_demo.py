@@ -1,0 +1,132 @@
+"""demo.py end to end on the tiny synthetic preset with a tiny model (one epoch per stage), its
+resumption, and the chance / text-only reference levels of dataset/baselines.py."""
+import json
+from types import SimpleNamespace
+
+import pytest
+
+import demo
+from dataset.baselines import (classification_baselines, grounding_chance, retrieval_chance,
+                               vqa_baselines)
+from dataset.grounding_dataset import load_refer
+from dataset.synthetic import generate
+from tests.tiny import tiny_config
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    """A copy of the repository's data/synthetic + configs/tiny layout with smaller settings."""
+    work = tmp_path_factory.mktemp('demo')
+    data = work / 'data' / 'synthetic'
+    generate(data, seed=0, size='tiny')
+    configs = work / 'configs' / 'tiny'
+    configs.mkdir(parents=True)
+    one_epoch = dict(schedular=dict(epochs=1))
+    settings = {
+        'Pretrain.yaml': dict(batch_size=4, queue_size=16, **one_epoch),
+        'Retrieval.yaml': dict(batch_size_train=4, batch_size_test=8, queue_size=16, k_test=4,
+                               **one_epoch),
+        'VQA.yaml': dict(batch_size_train=8, batch_size_test=4, k_test=4, **one_epoch),
+        'NLVR_pretrain.yaml': dict(batch_size=4),
+        'NLVR.yaml': dict(batch_size=8, **one_epoch),
+        'VE.yaml': dict(batch_size_train=8, batch_size_test=16, **one_epoch),
+        'Grounding.yaml': dict(batch_size=4, queue_size=16, **one_epoch),
+    }
+    for name, changes in settings.items():
+        tiny_config(name, data, configs / name, **changes)
+    return work
+
+
+def test_demo_runs_every_stage_then_skips_them(workdir, tmp_path, capsys):
+    out = tmp_path / 'demo'
+    results = demo.run(out, 'cpu', workdir=workdir)
+    for task in demo.TASKS:
+        r = results[task]
+        assert 0 <= r['value'] <= (100 if '%' in r['metric'] else 1), task
+        assert r['chance'] is not None and r['seconds'] > 0
+    assert results['vqa']['text_only'] is not None and results['nlvr']['text_only'] is not None
+    assert (out / 'results.json').is_file()
+    assert json.loads((out / 'results.json').read_text())['vqa']['value'] == results['vqa']['value']
+    assert all((out / 'stages' / f'{name}.json').is_file() for name, _, _ in demo.STAGES)
+    plots = results['report']['plots']
+    assert {p.split('loss_')[-1] for p in plots} >= {'pretrain.png', 'vqa.png', 'grounding.png'}
+    overlays = results['report']['gradcam']
+    assert overlays and all((tmp_path / o / '00_average.png').is_file() for o in overlays)
+    log = capsys.readouterr().out
+    assert '[demo] stage 2/9 pretrain' in log and 'ETA' in log
+
+    table = demo.results_table(results)
+    assert all(task in table for task in demo.TASKS)
+
+    # A second call finds every stage done: nothing is re-run, the figures are the same.
+    again = demo.run(out, 'cpu', workdir=workdir)
+    assert again['vqa']['value'] == results['vqa']['value']
+    assert capsys.readouterr().out.count('done before, skipped') == len(demo.STAGES)
+
+
+def test_demo_continues_after_a_lost_stage(workdir, tmp_path):
+    out = tmp_path / 'demo'
+    demo.run(out, 'cpu', workdir=workdir, stages=['data', 'pretrain', 've'])
+    first = json.loads((out / 'stages' / 've.json').read_text())
+    (out / 'stages' / 've.json').unlink()  # as if the run was killed during VE
+    again = demo.run(out, 'cpu', workdir=workdir, stages=['data', 'pretrain', 've'])
+    assert again['ve']['value'] == first['value']  # same checkpoint, same seed
+    assert again['pretrain']['seconds'] == json.loads(
+        (out / 'stages' / 'pretrain.json').read_text())['seconds']  # not re-run
+
+
+def test_retrieval_chance_matches_a_direct_count():
+    # 2 images with 2 captions each among 4 texts: image->text R@1 = 2/4, R@5 = 1; text->image
+    # R@1 = 1/2.
+    chance = retrieval_chance([[0, 1], [2, 3]], 4)
+    assert chance['txt_r1'] == pytest.approx(50) and chance['txt_r5'] == pytest.approx(100)
+    assert chance['img_r1'] == pytest.approx(50) and chance['img_r10'] == pytest.approx(100)
+    # one caption per image among 100: both directions k / 100
+    chance = retrieval_chance([[i] for i in range(100)], 100)
+    assert chance['txt_r5'] == pytest.approx(5) and chance['img_r10'] == pytest.approx(10)
+    assert chance['r_mean'] == pytest.approx((1 + 5 + 10) / 3)
+
+
+def test_vqa_baselines():
+    train = [{'question': 'What colour is the circle?', 'answer': ['red'] * 6 + ['blue'] * 4},
+             {'question': 'What colour is the circle?', 'answer': ['red'] * 10},
+             {'question': 'How many shapes?', 'answer': ['two'] * 10}]
+    evaluation = [{'question': 'what colour is the circle', 'answer': ['blue'] * 10},
+                  {'question': 'Is there a cross?', 'answer': ['yes'] * 10}]
+    levels = vqa_baselines(train, evaluation, ['red', 'blue', '2', 'yes'])
+    # text-only: 'red' for the seen question (wrong), the most frequent answer 'red' otherwise
+    assert levels['text_only'] == 0
+    # chance: each question has one right answer among 4 candidates
+    assert levels['chance'] == pytest.approx(0.25)
+
+
+def test_classification_baselines():
+    train = [{'sentence': 'A red circle.', 'label': 'True'},
+             {'sentence': 'a red circle', 'label': 'True'},
+             {'sentence': 'a blue square', 'label': 'False'},
+             {'sentence': 'a blue square', 'label': 'False'},
+             {'sentence': 'a green cross', 'label': 'False'}]
+    evaluation = [{'sentence': 'a red circle', 'label': 'True'},
+                  {'sentence': 'a yellow diamond', 'label': 'True'}]
+    levels = classification_baselines(train, evaluation)
+    assert levels == {'chance': 0.5, 'majority': 0.0, 'text_only': 0.5}
+
+
+def test_grounding_chance_on_the_synthetic_detections(tmp_path):
+    generate(tmp_path, seed=0, size='tiny')
+    refer = load_refer(tmp_path, 'refcoco+', 'unc')
+    dets = json.loads((tmp_path / 'dets.json').read_text())
+    chance = grounding_chance(refer, dets)
+    for key in ('val_d', 'testA_d', 'testB_d'):
+        assert 0 < chance[key] < 1, chance
+
+    # hand-made: image 10 has 1 good box of 2, image 11 one good box of 4 for each ref
+    fake = SimpleNamespace(
+        Refs={1: {'split': 'val', 'image_id': 10}, 2: {'split': 'testA', 'image_id': 11},
+              3: {'split': 'testB', 'image_id': 11}, 4: {'split': 'train', 'image_id': 12}},
+        refToAnn={1: {'bbox': [0, 0, 10, 10]}, 2: {'bbox': [0, 0, 10, 10]},
+                  3: {'bbox': [20, 20, 10, 10]}, 4: {'bbox': [0, 0, 1, 1]}})
+    boxes = {'10': [[0, 0, 10, 10], [50, 50, 5, 5]],
+             '11': [[0, 0, 10, 10, 1], [20, 20, 10, 10, 1], [40, 40, 5, 5, 1], [60, 60, 5, 5, 1]],
+             '12': []}
+    assert grounding_chance(fake, boxes) == {'val_d': 0.5, 'testA_d': 0.25, 'testB_d': 0.25}
