@@ -241,6 +241,15 @@ def all_reduce_mean(value):
     return reduced.item() / get_world_size()
 
 
+def all_reduce_sum(number):
+    """Sum of a number over ranks (returned as given at world size 1)."""
+    if not is_dist_avail_and_initialized() or get_world_size() == 1:
+        return number
+    reduced = torch.tensor(float(number), dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(reduced)
+    return reduced.item()
+
+
 # ---------------------------------------------------------------------------------------------
 # Seeding and logging
 # ---------------------------------------------------------------------------------------------
