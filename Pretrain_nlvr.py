@@ -104,4 +104,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    utils.run(main)
