@@ -213,11 +213,13 @@ def validate(config, task, world_size=1, source='config'):
 
 def load_task_config(args, task):
     """The config of a task script: the YAML of --config with defaults filled in, --opts applied,
-    --text_encoder applied, validated for `task` at the world size of `args` (call after
+    --text_encoder (and --text_decoder) applied, validated for `task` at the world size of `args` (call after
     utils.init_distributed_mode)."""
     config = with_defaults(utils.load_config(args.config), task)
     config = utils.apply_overrides(config, args.opts)
     if getattr(args, 'text_encoder', None):
         config['text_encoder'] = config['tokenizer'] = args.text_encoder
+    if getattr(args, 'text_decoder', None):
+        config['text_decoder'] = args.text_decoder
     return validate(config, task, getattr(args, 'world_size', 1),
                     source=f'config {os.path.basename(args.config)} (with --opts)')
