@@ -13,7 +13,7 @@ What makes the continuation exact:
 - every sample is augmented with RNGs seeded from (seed, epoch, its place in the permutation),
   in loader workers and in the main process alike, so augmentations depend neither on the
   number of workers nor on where the run was resumed, and data loading never draws from the
-  RNGs of the training step (dropout-free ALBEF draws its MLM masks and hard negatives there);
+  global RNGs that the training step uses (MLM masks, hard negatives);
 - each rank restores its own torch / CUDA / numpy / python RNG state.
 
 Scripts use it in a few lines (see Pretrain.py):
@@ -34,7 +34,6 @@ import re
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 import utils
@@ -288,6 +287,8 @@ class TrainingRun:
         self._save(checkpoint_path(self.output_dir, epoch), epoch, next_position=(epoch + 1, 0))
 
     def _save(self, path, epoch, next_position):
+        # 'epoch' keeps the released meaning at an epoch end; in a step checkpoint it is the
+        # running epoch. Resuming reads the position from 'resume'.
         rng = utils.all_gather_objects(rng_state())
         if utils.is_main_process():
             model = getattr(self.model, 'module', self.model)
@@ -309,11 +310,7 @@ class TrainingRun:
 
     def all_finite(self, finite):
         """Whether the loss is finite on every rank (all ranks must skip or stop together)."""
-        if utils.get_world_size() == 1:
-            return finite
-        flag = torch.tensor([1.0 if finite else 0.0], device=utils._collective_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+        return utils.all_reduce_mean(1.0 if finite else 0.0) == 1.0
 
     def skip_nonfinite(self, epoch, step, detail):
         """True to skip this step (within the skip_nonfinite_steps budget), False to stop."""
