@@ -68,6 +68,8 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, epoch, device, 
             finite = hooks.all_finite(finite)
         if not finite:
             detail = ', '.join(f'{name}={value}' for name, value in values.items())
+            # A skipped step drops the gradient update only: the momentum update and the queue
+            # enqueue inside the model's forward have already happened.
             if hooks is None or not hooks.skip_nonfinite(epoch, i, detail):
                 note = hooks.failure_note() if hooks is not None else ''
                 raise FloatingPointError(f'non-finite loss in epoch {epoch}, iteration {i}: {detail}{note}')
