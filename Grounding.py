@@ -17,6 +17,7 @@ import os
 
 import torch
 
+import config_schema
 import utils
 from dataset import create_dataset, create_loader, create_sampler
 from dataset.grounding_dataset import load_refer
@@ -58,12 +59,9 @@ def main(argv=None):
                         help='text-encoder layer (itm) or ViT block (itc) whose attention is used')
     parser.add_argument('--evaluate', action='store_true', help='only evaluate --checkpoint')
     args = parser.parse_args(argv)
-    config = utils.apply_overrides(utils.load_config(args.config), args.opts)
-    if args.text_encoder:
-        config['text_encoder'] = config['tokenizer'] = args.text_encoder
-
-    os.makedirs(args.output_dir, exist_ok=True)
     utils.init_distributed_mode(args)
+    config = config_schema.load_task_config(args, 'grounding')
+    os.makedirs(args.output_dir, exist_ok=True)
     utils.setup_logging(args.output_dir)
     device = torch.device(args.device)
     utils.set_seed(args.seed)
@@ -135,4 +133,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    utils.run(main)

@@ -7,22 +7,23 @@ One node, 8 GPUs:
 Several nodes (run on each, node_rank 0..N-1):
     torchrun --nnodes=N --node_rank=R --master_addr=HOST --master_port=29500 --nproc_per_node=8 \
         Pretrain.py --config configs/Pretrain.yaml --output_dir output/pretrain
-Continue a killed run (latest checkpoint in --output_dir, or the one given):
+Continue a killed run exactly where its newest checkpoint left it (in --output_dir, or the one
+given with --checkpoint; `checkpoint_every_steps` in the config adds checkpoints inside epochs):
     ... Pretrain.py --config ... --output_dir output/pretrain --resume
 """
 import datetime
-import glob
 import logging
 import os
-import re
 import time
 
 import torch
 
+import config_schema
+import resume
 import utils
-from dataset import create_dataset, create_loader, create_sampler
+from dataset import create_dataset, skipped_samples
 from engine import train_one_epoch
-from models.checkpoint import load_checkpoint, read_checkpoint
+from models.checkpoint import load_checkpoint
 from models.model_pretrain import ALBEF
 from models.tokenization_bert import BertTokenizer
 from optim import create_optimizer
@@ -42,25 +43,14 @@ def make_train_step(tokenizer, config, device):
     return train_step
 
 
-def latest_checkpoint(output_dir):
-    """The checkpoint_NN.pth of the highest epoch in output_dir, or None."""
-    paths = glob.glob(os.path.join(output_dir, 'checkpoint_[0-9]*.pth'))
-    epoch = lambda p: int(re.search(r'checkpoint_(\d+)\.pth$', p).group(1))
-    return max(paths, key=epoch) if paths else None
-
-
 def main(argv=None):
     parser = utils.get_args_parser('ALBEF pre-training')
     parser.add_argument('--resume', type=utils.str2bool, nargs='?', const=True, default=False,
                         help='continue from --checkpoint (or the latest checkpoint in --output_dir)')
     args = parser.parse_args(argv)
-    config = utils.load_config(args.config)
-    config = utils.apply_overrides(config, args.opts)
-    if args.text_encoder:
-        config['text_encoder'] = config['tokenizer'] = args.text_encoder
-
-    os.makedirs(args.output_dir, exist_ok=True)
     utils.init_distributed_mode(args)
+    config = config_schema.load_task_config(args, 'pretrain')
+    os.makedirs(args.output_dir, exist_ok=True)
     utils.setup_logging(args.output_dir)
     device = torch.device(args.device)
     utils.set_seed(args.seed)
@@ -69,11 +59,8 @@ def main(argv=None):
 
     torch.backends.cudnn.benchmark = True
     dataset = create_dataset('pretrain', config)
-    samplers = (create_sampler([dataset], [True], utils.get_world_size(), utils.get_rank())
-                if args.distributed else [None])
-    data_loader = create_loader([dataset], samplers, batch_size=[config['batch_size']],
-                                num_workers=[config['num_workers']], is_trains=[True],
-                                collate_fns=[None])[0]
+    data_loader = resume.train_loader(dataset, config['batch_size'], config['num_workers'],
+                                      seed=args.seed)
 
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
     model = ALBEF(config=config, text_encoder=config['text_encoder'], tokenizer=tokenizer,
@@ -81,15 +68,11 @@ def main(argv=None):
     optimizer = create_optimizer(config['optimizer'], model)
     lr_scheduler = create_scheduler(config['schedular'], optimizer)
 
+    run = resume.TrainingRun(args.output_dir, config, model, optimizer, lr_scheduler, data_loader,
+                             kind='pretrain')
     start_epoch = 0
-    resume_from = args.checkpoint or (latest_checkpoint(args.output_dir) if args.resume else None)
-    if args.resume and resume_from:
-        checkpoint = read_checkpoint(resume_from)
-        load_checkpoint(model, checkpoint, kind='pretrain', interpolate=())
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-        start_epoch = checkpoint['epoch'] + 1
-        logger.info('resumed from %s at epoch %d', resume_from, start_epoch)
+    if args.resume:
+        start_epoch = run.resume(args.checkpoint or None)
     elif args.checkpoint:
         load_checkpoint(model, args.checkpoint, kind='pretrain')
 
@@ -107,17 +90,17 @@ def main(argv=None):
     for epoch in range(start_epoch, max_epoch):
         if epoch > 0:
             lr_scheduler.step(epoch + warmup_epochs)
-        if args.distributed:
-            data_loader.sampler.set_epoch(epoch)
+        start_step = run.begin_epoch(epoch)
         train_stats = train_one_epoch(model, data_loader, optimizer, lr_scheduler, epoch, device,
                                       config, train_step, warmup_steps=100 * warmup_epochs,
-                                      warm_up=True, print_freq=config['print_freq'], stats_fmt=None)
+                                      warm_up=True, print_freq=config['print_freq'], stats_fmt=None,
+                                      start_step=start_step, hooks=run)
+        run.end_epoch(epoch)  # checkpoint_NN.pth
+        faults = {'skipped_samples': int(utils.all_reduce_sum(skipped_samples(dataset))),
+                  'skipped_nonfinite_steps': run.skipped_steps}
         if utils.is_main_process():
-            state = {'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
-                     'lr_scheduler': lr_scheduler.state_dict(), 'config': config, 'epoch': epoch}
-            utils.save_checkpoint(state, os.path.join(args.output_dir, f'checkpoint_{epoch:02d}.pth'))
             utils.append_log(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
-                                               'epoch': epoch})
+                                               **faults, 'epoch': epoch})
         utils.barrier()
 
     total = datetime.timedelta(seconds=int(time.time() - start_time))
@@ -127,4 +110,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    utils.run(main)

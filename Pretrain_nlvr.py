@@ -16,6 +16,7 @@ import time
 
 import torch
 
+import config_schema
 import utils
 from dataset import create_dataset, create_loader, create_sampler
 from engine import train_one_epoch
@@ -42,12 +43,9 @@ def make_train_step(tokenizer, device):
 def main(argv=None):
     parser = utils.get_args_parser('ALBEF text-assignment pre-training for NLVR2')
     args = parser.parse_args(argv)
-    config = utils.apply_overrides(utils.load_config(args.config), args.opts)
-    if args.text_encoder:
-        config['text_encoder'] = config['tokenizer'] = args.text_encoder
-
-    os.makedirs(args.output_dir, exist_ok=True)
     utils.init_distributed_mode(args)
+    config = config_schema.load_task_config(args, 'pretrain_nlvr')
+    os.makedirs(args.output_dir, exist_ok=True)
     utils.setup_logging(args.output_dir)
     device = torch.device(args.device)
     utils.set_seed(args.seed)
@@ -104,4 +102,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    utils.run(main)

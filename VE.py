@@ -15,6 +15,7 @@ import os
 
 import torch
 
+import config_schema
 import utils
 from dataset import create_dataset, create_loader, create_sampler
 from engine import evaluate_accuracy, train_one_epoch
@@ -50,12 +51,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.evaluate and not args.checkpoint:
         parser.error('--evaluate needs --checkpoint (a fine-tuned VE checkpoint)')
-    config = utils.apply_overrides(utils.load_config(args.config), args.opts)
-    if args.text_encoder:
-        config['text_encoder'] = config['tokenizer'] = args.text_encoder
-
-    os.makedirs(args.output_dir, exist_ok=True)
     utils.init_distributed_mode(args)
+    config = config_schema.load_task_config(args, 've')
+    os.makedirs(args.output_dir, exist_ok=True)
     utils.setup_logging(args.output_dir)
     device = torch.device(args.device)
     utils.set_seed(args.seed)
@@ -127,4 +125,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    utils.run(main)

@@ -22,6 +22,7 @@ import os
 
 import torch
 
+import config_schema
 import utils
 from dataset import create_dataset, create_loader, create_sampler, vqa_collate_fn
 from dataset.transforms import create_transform
@@ -117,14 +118,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.evaluate and not args.checkpoint:
         parser.error('--evaluate needs --checkpoint (a fine-tuned VQA checkpoint)')
-    config = utils.apply_overrides(utils.load_config(args.config), args.opts)
-    if args.text_encoder:
-        config['text_encoder'] = config['tokenizer'] = args.text_encoder
-    if args.text_decoder:
-        config['text_decoder'] = args.text_decoder
-
-    os.makedirs(args.output_dir, exist_ok=True)
     utils.init_distributed_mode(args)
+    config = config_schema.load_task_config(args, 'vqa')
+    os.makedirs(args.output_dir, exist_ok=True)
     utils.setup_logging(args.output_dir)
     device = torch.device(args.device)
     utils.set_seed(args.seed)
@@ -204,4 +200,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    utils.run(main)

@@ -25,7 +25,8 @@ def autocast_context(precision, device):
 
 
 def train_one_epoch(model, data_loader, optimizer, lr_scheduler, epoch, device, config, train_step,
-                    *, warmup_steps, warm_up=True, print_freq=50, header=None, stats_fmt='{:.3f}'):
+                    *, warmup_steps, warm_up=True, print_freq=50, header=None, stats_fmt='{:.3f}',
+                    start_step=0, hooks=None):
     """Train `model` for one pass over `data_loader`; return the epoch averages of the meters.
 
     train_step(model, batch, alpha) -> {loss name: scalar tensor} moves the batch to the device,
@@ -37,16 +38,20 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, epoch, device, 
 
     Returns {name: average}, formatted with `stats_fmt` as the original's log.txt ('{:.3f}'
     strings; NLVR and VE used '{:.4f}'); stats_fmt=None gives floats.
+
+    Resuming inside an epoch: `data_loader` yields the remaining batches and `start_step` is the
+    number already done. `hooks` (resume.TrainingRun) decides on non-finite losses (stop or
+    skip, agreed over ranks) and writes step checkpoints; without hooks a non-finite loss stops.
     """
     model.train()
     metric_logger = MetricLogger(delimiter='  ')
     metric_logger.add_meter('lr', SmoothedValue(window_size=50, fmt='{value:.6f}'))
     header = header or f'Train Epoch: [{epoch}]'
-    num_batches = len(data_loader)
+    num_batches = start_step + len(data_loader)
     alpha_max = config.get('alpha')  # None for tasks without distillation (TA pre-training)
     precision = config.get('precision', 'fp32')
 
-    for i, batch in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+    for i, batch in enumerate(metric_logger.log_every(data_loader, print_freq, header), start_step):
         alpha = alpha_max
         if epoch == 0 and warm_up and alpha_max is not None:
             alpha = alpha_max * min(1, i / num_batches)
@@ -58,21 +63,30 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, epoch, device, 
             raise TypeError(f'train_step must return a non-empty dict of named losses, got {losses!r}')
         loss = sum(losses.values())
         values = {name: value.item() for name, value in losses.items()}
-        if not math.isfinite(sum(values.values())):
+        finite = math.isfinite(sum(values.values()))
+        if hooks is not None:
+            finite = hooks.all_finite(finite)
+        if not finite:
             detail = ', '.join(f'{name}={value}' for name, value in values.items())
-            raise FloatingPointError(f'non-finite loss in epoch {epoch}, iteration {i}: {detail}')
-        loss.backward()
-        optimizer.step()
-
-        for name in values:
-            if name not in metric_logger.meters:
-                metric_logger.add_meter(name, SmoothedValue(window_size=50, fmt='{value:.4f}'))
-        metric_logger.update(lr=optimizer.param_groups[0]['lr'], **values)
+            # A skipped step drops the gradient update only: the momentum update and the queue
+            # enqueue inside the model's forward have already happened.
+            if hooks is None or not hooks.skip_nonfinite(epoch, i, detail):
+                note = hooks.failure_note() if hooks is not None else ''
+                raise FloatingPointError(f'non-finite loss in epoch {epoch}, iteration {i}: {detail}{note}')
+        else:
+            loss.backward()
+            optimizer.step()
+            for name in values:
+                if name not in metric_logger.meters:
+                    metric_logger.add_meter(name, SmoothedValue(window_size=50, fmt='{value:.4f}'))
+            metric_logger.update(lr=optimizer.param_groups[0]['lr'], **values)
 
         # NOTE(faithful): warm-up is stepped after the optimiser step, every 100 iterations,
         # so iterations 0..100 run at warmup_lr.
         if epoch == 0 and i % WARMUP_STEP_SIZE == 0 and i <= warmup_steps:
             lr_scheduler.step(i // WARMUP_STEP_SIZE)
+        if hooks is not None:
+            hooks.step_done(epoch, i + 1)
 
     metric_logger.synchronize_between_processes()
     logger.info('Averaged stats: %s', metric_logger.global_avg())

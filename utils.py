@@ -187,12 +187,44 @@ def init_distributed_mode(args):
     if on_gpu:
         torch.cuda.set_device(args.gpu)
         kwargs['device_id'] = torch.device('cuda', args.gpu)
+    if on_gpu:
+        # A failed or timed-out NCCL collective tears the process down instead of leaving it
+        # blocked in a later kernel (the default on recent torch; set for older ones).
+        os.environ.setdefault('TORCH_NCCL_ASYNC_ERROR_HANDLING', '1')
     timeout = datetime.timedelta(minutes=getattr(args, 'dist_timeout', 30))
     logger.info('distributed init (rank %d of %d, %s): %s', args.rank, args.world_size,
                 args.dist_backend, args.dist_url)
     dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
                             world_size=args.world_size, rank=args.rank, timeout=timeout, **kwargs)
     barrier()
+
+
+# Phrases of gloo / NCCL / c10d errors raised when another rank died or stopped responding.
+_PEER_FAILURE_MARKERS = ('connection reset', 'connection closed', 'connection refused', 'timed out',
+                         'timeout', 'broken pipe', 'socket', 'nccl', 'gloo')
+
+
+def is_peer_failure(error):
+    """Whether `error` (raised in a collective) means that another rank died or hangs."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(marker in text for marker in _PEER_FAILURE_MARKERS)
+
+
+def run(main, argv=None):
+    """Run a script's main(argv); in a distributed run, an error caused by another rank dying or
+    hanging is re-raised naming the rank and the time limit (--dist_timeout), so that every
+    surviving rank exits with a clear message instead of a bare transport error."""
+    try:
+        return main(argv)
+    except Exception as error:
+        if not is_dist_avail_and_initialized() or not is_peer_failure(error):
+            raise
+        raise RuntimeError(f'rank {get_rank()} of {get_world_size()}: lost contact with another process '
+                           '(it exited, crashed or did not answer within --dist_timeout); stopping '
+                           f'this one too. The failing process\'s own log names the cause. '
+                           f'({type(error).__name__}: {str(error)[:300]})') from error
 
 
 def is_dist_avail_and_initialized():
@@ -239,6 +271,15 @@ def all_reduce_mean(value):
     reduced = torch.tensor(float(value), dtype=torch.float64, device=_collective_device())
     dist.all_reduce(reduced)
     return reduced.item() / get_world_size()
+
+
+def all_reduce_sum(number):
+    """Sum of a number over ranks (returned as given at world size 1)."""
+    if not is_dist_avail_and_initialized() or get_world_size() == 1:
+        return number
+    reduced = torch.tensor(float(number), dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(reduced)
+    return reduced.item()
 
 
 # ---------------------------------------------------------------------------------------------

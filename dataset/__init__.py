@@ -4,6 +4,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 # Imported under other names so that `dataset.pretrain_dataset` etc. stay the modules, not the classes.
 from dataset.caption_dataset import re_eval_dataset as _re_eval_dataset
+from dataset.faults import BadSamplePolicy, skipped_samples
 from dataset.caption_dataset import re_train_dataset as _re_train_dataset
 from dataset.grounding_dataset import grounding_dataset as _grounding_dataset
 from dataset.nlvr_dataset import nlvr_dataset as _nlvr_dataset
@@ -13,13 +14,30 @@ from dataset.ve_dataset import ve_dataset as _ve_dataset
 from dataset.vqa_dataset import vqa_collate_fn
 from dataset.vqa_dataset import vqa_dataset as _vqa_dataset
 
-__all__ = ['create_dataset', 'create_sampler', 'create_loader', 'vqa_collate_fn']
+__all__ = ['create_dataset', 'create_sampler', 'create_loader', 'vqa_collate_fn', 'skipped_samples']
+
+
+def _policy(config):
+    # NOTE(fixed): the original stopped at the first unreadable image; training data follows the
+    # config's on_bad_sample (see dataset/faults.py), evaluation data always fails, because
+    # serving another sample in place of a bad one would change the metric.
+    return config.get('on_bad_sample', 'fail')
+
+
+def _train(dataset, config):
+    return BadSamplePolicy(dataset, _policy(config))
+
+
+def _evaluation(dataset):
+    return BadSamplePolicy(dataset, 'fail')
 
 
 def _pretrain(config):
     transform = create_transform('pretrain', config['image_res'])
-    return _pretrain_dataset(config['train_file'], transform, max_words=config.get('max_words', 30),
-                             image_root=config.get('image_root', ''))
+    return _train(_pretrain_dataset(config['train_file'], transform,
+                                    max_words=config.get('max_words', 30),
+                                    image_root=config.get('image_root', ''),
+                                    on_bad_sample=_policy(config)), config)
 
 
 def _train_and_test_transforms(config, train_kind='train'):
@@ -29,41 +47,46 @@ def _train_and_test_transforms(config, train_kind='train'):
 def _re(config):
     train_transform, test_transform = _train_and_test_transforms(config)
     root = config['image_root']
-    return (_re_train_dataset(config['train_file'], train_transform, root),
-            _re_eval_dataset(config['val_file'], test_transform, root),
-            _re_eval_dataset(config['test_file'], test_transform, root))
+    return (_train(_re_train_dataset(config['train_file'], train_transform, root,
+                                     on_bad_sample=_policy(config)), config),
+            _evaluation(_re_eval_dataset(config['val_file'], test_transform, root)),
+            _evaluation(_re_eval_dataset(config['test_file'], test_transform, root)))
 
 
 def _vqa(config):
     train_transform, test_transform = _train_and_test_transforms(config)
     roots = config['vqa_root'], config['vg_root']
     eos = config.get('eos', '[SEP]')
-    return (_vqa_dataset(config['train_file'], train_transform, *roots, eos=eos, split='train'),
-            _vqa_dataset(config['test_file'], test_transform, *roots, eos=eos, split='test',
-                         answer_list=config['answer_list']))
+    return (_train(_vqa_dataset(config['train_file'], train_transform, *roots, eos=eos, split='train',
+                                on_bad_sample=_policy(config)), config),
+            _evaluation(_vqa_dataset(config['test_file'], test_transform, *roots, eos=eos,
+                                     split='test', answer_list=config['answer_list'])))
 
 
 def _nlvr(config):
     train_transform, test_transform = _train_and_test_transforms(config)
     root = config['image_root']
-    return (_nlvr_dataset(config['train_file'], train_transform, root),
-            _nlvr_dataset(config['val_file'], test_transform, root),
-            _nlvr_dataset(config['test_file'], test_transform, root))
+    return (_train(_nlvr_dataset(config['train_file'], train_transform, root,
+                                 on_bad_sample=_policy(config)), config),
+            _evaluation(_nlvr_dataset(config['val_file'], test_transform, root)),
+            _evaluation(_nlvr_dataset(config['test_file'], test_transform, root)))
 
 
 def _ve(config):
     train_transform, test_transform = _train_and_test_transforms(config)
     root = config['image_root']
-    return (_ve_dataset(config['train_file'], train_transform, root),
-            _ve_dataset(config['val_file'], test_transform, root),
-            _ve_dataset(config['test_file'], test_transform, root))
+    return (_train(_ve_dataset(config['train_file'], train_transform, root,
+                               on_bad_sample=_policy(config)), config),
+            _evaluation(_ve_dataset(config['val_file'], test_transform, root)),
+            _evaluation(_ve_dataset(config['test_file'], test_transform, root)))
 
 
 def _grounding(config):
     train_transform, test_transform = _train_and_test_transforms(config, train_kind='grounding_train')
     root = config['image_root']
-    return (_grounding_dataset(config['train_file'], train_transform, root, mode='train'),
-            _grounding_dataset(config['test_file'], test_transform, root, mode='test'))
+    return (_train(_grounding_dataset(config['train_file'], train_transform, root, mode='train',
+                                      on_bad_sample=_policy(config)), config),
+            _evaluation(_grounding_dataset(config['test_file'], test_transform, root, mode='test')))
 
 
 # name -> builder(config); the builders return what the original returned for that name.

@@ -8,6 +8,7 @@ import os
 
 from torch.utils.data import Dataset
 
+from dataset.faults import require_text
 from dataset.images import load_image
 from dataset.pretrain_dataset import check_fields, load_annotations
 from dataset.utils import pre_caption
@@ -33,8 +34,8 @@ class re_train_dataset(Dataset):  # original class name kept
     captions of the same image share it, which the retrieval ITC targets rely on.
     """
 
-    def __init__(self, ann_files, transform, image_root, max_words=30):
-        self.ann = load_annotations(ann_files, _check_train_record)
+    def __init__(self, ann_files, transform, image_root, max_words=30, on_bad_sample='fail'):
+        self.ann = load_annotations(ann_files, _check_train_record, on_bad_sample)
         self.transform = transform
         self.image_root = image_root
         self.max_words = max_words
@@ -48,7 +49,7 @@ class re_train_dataset(Dataset):  # original class name kept
     def __getitem__(self, index):
         ann = self.ann[index]
         image = self.transform(load_image(os.path.join(self.image_root, ann['image'])))
-        caption = pre_caption(ann['caption'], self.max_words)
+        caption = require_text(pre_caption(ann['caption'], self.max_words), ann['caption'])
         return image, caption, self.img_ids[ann['image_id']]
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
+from dataset.faults import require_text
 from dataset.images import load_image
 from dataset.pretrain_dataset import check_fields, load_annotations
 from dataset.utils import pre_caption
@@ -38,11 +39,12 @@ class grounding_dataset(Dataset):  # original class name kept
     image file names in order of first appearance (expressions of one image are positives of
     each other in ITC); mode 'test': -> (image, cleaned text, ref_id)."""
 
-    def __init__(self, ann_files, transform, image_root, max_words=30, mode='train'):
+    def __init__(self, ann_files, transform, image_root, max_words=30, mode='train',
+                 on_bad_sample='fail'):
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
         self.mode = mode
-        self.ann = load_annotations(ann_files, _record_checker(mode))
+        self.ann = load_annotations(ann_files, _record_checker(mode), on_bad_sample)
         self.transform = transform
         self.image_root = image_root
         self.max_words = max_words
@@ -57,7 +59,7 @@ class grounding_dataset(Dataset):  # original class name kept
     def __getitem__(self, index):
         ann = self.ann[index]
         image = self.transform(load_image(os.path.join(self.image_root, ann['image'])))
-        text = pre_caption(ann['text'], self.max_words)
+        text = require_text(pre_caption(ann['text'], self.max_words), ann['text'], 'text')
         if self.mode == 'test':
             return image, text, ann['ref_id']
         return image, text, self.img_ids[_file_name(ann['image'])]

@@ -7,6 +7,7 @@ import os
 
 from torch.utils.data import Dataset
 
+from dataset.faults import require_text
 from dataset.images import load_image
 from dataset.pretrain_dataset import check_fields, load_annotations
 from dataset.utils import pre_caption
@@ -28,8 +29,8 @@ def _check_record(record, where):
 class nlvr_dataset(Dataset):  # original class name kept
     """`__getitem__` -> (left image, right image, cleaned sentence, label: 1 iff "True")."""
 
-    def __init__(self, ann_files, transform, image_root, max_words=30):
-        self.ann = load_annotations(ann_files, _check_record)
+    def __init__(self, ann_files, transform, image_root, max_words=30, on_bad_sample='fail'):
+        self.ann = load_annotations(ann_files, _check_record, on_bad_sample)
         self.transform = transform
         self.image_root = image_root
         self.max_words = max_words
@@ -42,4 +43,5 @@ class nlvr_dataset(Dataset):  # original class name kept
         # Each image is transformed on its own: independent crops, flips and augmentations.
         image0, image1 = (self.transform(load_image(os.path.join(self.image_root, path)))
                           for path in ann['images'])
-        return image0, image1, pre_caption(ann['sentence'], self.max_words), LABELS[ann['label']]
+        sentence = require_text(pre_caption(ann['sentence'], self.max_words), ann['sentence'], 'sentence')
+        return image0, image1, sentence, LABELS[ann['label']]

@@ -4,13 +4,17 @@ Each JSON file is a list of `{"image": path, "caption": str or [str, ...]}`; the
 concatenated in the given order. A list caption is sampled anew every time the record is read.
 """
 import json
+import logging
 import os
 import random
 
 from torch.utils.data import Dataset
 
+from dataset.faults import check_policy, require_text
 from dataset.images import load_image
 from dataset.utils import pre_caption
+
+logger = logging.getLogger(__name__)
 
 
 def load_json_list(path):
@@ -27,15 +31,8 @@ def load_json_list(path):
     return records
 
 
-def _check_caption_record(record, path, index):
-    where = f'{path}, record {index}'
-    if not isinstance(record, dict):
-        raise ValueError(f'{where}: expected an object, got {type(record).__name__}')
-    for key in ('image', 'caption'):
-        if key not in record:
-            raise ValueError(f'{where}: missing key {key!r}')
-    if not isinstance(record['image'], str) or not record['image']:
-        raise ValueError(f'{where}: "image" must be a non-empty string')
+def _check_caption_record(record, where):
+    check_fields(record, where, image=str, caption=(str, list))
     caption = record['caption']
     captions = caption if isinstance(caption, list) else [caption]
     if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
@@ -44,21 +41,32 @@ def _check_caption_record(record, path, index):
 
 # ----------------------------------------------------------------------------- shared by every task
 
-def load_annotations(ann_files, check_record):
+def load_annotations(ann_files, check_record, on_bad_sample='fail'):
     """The records of `ann_files` (one path or a list of paths) concatenated in order.
 
     `check_record(record, where)` validates every record at construction, where `where` reads
     '<file>, record <index>', so a malformed record fails before training starts and points at
-    itself instead of failing in a DataLoader worker hours later.
+    itself instead of failing in a DataLoader worker hours later. With on_bad_sample='skip'
+    malformed records are dropped instead, counted and the first one logged per file.
     """
+    check_policy(on_bad_sample)
     if isinstance(ann_files, (str, os.PathLike)):
         ann_files = [ann_files]
     records = []
     for path in ann_files:
-        loaded = load_json_list(path)
+        loaded, dropped = load_json_list(path), []
         for index, record in enumerate(loaded):
-            check_record(record, f'{path}, record {index}')
-        records += loaded
+            try:
+                check_record(record, f'{path}, record {index}')
+            except ValueError as error:
+                if on_bad_sample == 'fail':
+                    raise
+                dropped.append(str(error))
+            else:
+                records.append(record)
+        if dropped:
+            logger.warning('skipped %d malformed record(s) of %s (on_bad_sample: skip); the first: %s',
+                           len(dropped), path, dropped[0])
     return records
 
 
@@ -84,15 +92,8 @@ def check_fields(record, where, **types):
 class pretrain_dataset(Dataset):  # original class name kept
     """`__getitem__` returns (image tensor, cleaned caption string)."""
 
-    def __init__(self, ann_files, transform, max_words=30, image_root=''):
-        if isinstance(ann_files, str):
-            ann_files = [ann_files]
-        self.ann = []
-        for path in ann_files:
-            records = load_json_list(path)
-            for index, record in enumerate(records):
-                _check_caption_record(record, path, index)
-            self.ann += records
+    def __init__(self, ann_files, transform, max_words=30, image_root='', on_bad_sample='fail'):
+        self.ann = load_annotations(ann_files, _check_caption_record, on_bad_sample)
         self.transform = transform
         self.max_words = max_words
         self.image_root = image_root
@@ -106,7 +107,7 @@ class pretrain_dataset(Dataset):  # original class name kept
         if isinstance(caption, list):
             # NOTE(faithful): python's `random` picks the caption before the image is transformed.
             caption = random.choice(caption)
-        caption = pre_caption(caption, self.max_words)
+        caption = require_text(pre_caption(caption, self.max_words), caption)
         # os.path.join keeps absolute paths as they are (the original's pre-training JSONs).
         image = load_image(os.path.join(self.image_root, ann['image']))
         return self.transform(image), caption

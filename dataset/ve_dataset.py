@@ -7,6 +7,7 @@ import os
 
 from torch.utils.data import Dataset
 
+from dataset.faults import require_text
 from dataset.images import load_image
 from dataset.pretrain_dataset import check_fields, load_annotations
 from dataset.utils import pre_caption
@@ -25,8 +26,8 @@ def _check_record(record, where):
 class ve_dataset(Dataset):  # original class name kept
     """`__getitem__` -> (image, cleaned sentence, label: entailment 2, neutral 1, contradiction 0)."""
 
-    def __init__(self, ann_file, transform, image_root, max_words=30):
-        self.ann = load_annotations(ann_file, _check_record)
+    def __init__(self, ann_file, transform, image_root, max_words=30, on_bad_sample='fail'):
+        self.ann = load_annotations(ann_file, _check_record, on_bad_sample)
         self.transform = transform
         self.image_root = image_root
         self.max_words = max_words
@@ -37,4 +38,5 @@ class ve_dataset(Dataset):  # original class name kept
     def __getitem__(self, index):
         ann = self.ann[index]
         image = self.transform(load_image(os.path.join(self.image_root, f'{ann["image"]}.jpg')))
-        return image, pre_caption(ann['sentence'], self.max_words), LABELS[ann['label']]
+        sentence = require_text(pre_caption(ann['sentence'], self.max_words), ann['sentence'], 'sentence')
+        return image, sentence, LABELS[ann['label']]

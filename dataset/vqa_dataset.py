@@ -9,6 +9,7 @@ import os
 import torch
 from torch.utils.data import Dataset
 
+from dataset.faults import require_text
 from dataset.images import load_image
 from dataset.pretrain_dataset import check_fields, load_annotations, load_json_list
 from dataset.utils import pre_question
@@ -59,11 +60,11 @@ class vqa_dataset(Dataset):  # original class name kept
     """
 
     def __init__(self, ann_files, transform, vqa_root, vg_root, eos='[SEP]', split='train',
-                 answer_list=''):
+                 answer_list='', on_bad_sample='fail'):
         if split not in SPLITS:
             raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
         self.split = split
-        self.ann = load_annotations(ann_files, _record_checker(split))
+        self.ann = load_annotations(ann_files, _record_checker(split), on_bad_sample)
         self.transform = transform
         self.roots = {'vqa': vqa_root, 'vg': vg_root}
         self.eos = eos
@@ -81,7 +82,8 @@ class vqa_dataset(Dataset):  # original class name kept
     def __getitem__(self, index):
         ann = self.ann[index]
         image = self.transform(load_image(os.path.join(self.roots[ann['dataset']], ann['image'])))
-        question = pre_question(ann['question'], self.max_ques_words)
+        question = require_text(pre_question(ann['question'], self.max_ques_words), ann['question'],
+                                'question')
         if self.split == 'test':
             return image, question, ann['question_id']
         answers, weights = answer_weights(ann)

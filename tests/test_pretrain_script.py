@@ -49,7 +49,8 @@ def test_single_process_pretraining(tiny_setup, tmp_path):
     assert set(stats) >= {'loss_mlm', 'loss_ita', 'loss_itm', 'lr'}
     assert (tmp_path / 'config.yaml').is_file()
     checkpoint = torch.load(tmp_path / 'checkpoint_01.pth', weights_only=False)
-    assert set(checkpoint) == {'model', 'optimizer', 'lr_scheduler', 'config', 'epoch'}
+    # the released keys, plus what exact resumption needs
+    assert set(checkpoint) == {'model', 'optimizer', 'lr_scheduler', 'config', 'epoch', 'resume'}
     assert checkpoint['epoch'] == 1
     # the checkpoint is in the released layout: it loads into a fresh model with nothing left over
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
