@@ -44,7 +44,7 @@ def stage_data(ctx):
 def stage_pretrain(ctx):
     import Pretrain
     stats = Pretrain.main(ctx.args('Pretrain.yaml', 'pretrain', '--resume'))
-    return {'train': stats, 'checkpoint': Pretrain.latest_checkpoint(ctx.out('pretrain'))}
+    return {'train': stats, 'checkpoint': ctx.pretrained()}
 
 
 def stage_retrieval(ctx):
@@ -149,11 +149,12 @@ class Context:
                 '--device', self.device, '--seed', str(self.seed), *extra]
 
     def pretrained(self):
-        import Pretrain
-        path = Pretrain.latest_checkpoint(self.out('pretrain'))
-        if path is None:
+        """The last epoch-end pre-training checkpoint (step checkpoints are for resuming)."""
+        import resume
+        ends = [p for p in resume.checkpoints(self.out('pretrain')) if '_step' not in p]
+        if not ends:
             raise FileNotFoundError(f'no pre-training checkpoint in {self.out("pretrain")}')
-        return path
+        return ends[0]
 
     def gradcam_block(self):
         from models.albef_base import load_bert_config
@@ -278,7 +279,7 @@ def run(output_dir, device, seed=42, stages=None, workdir=ROOT):
                 expected_left -= expected
                 continue
             # ETA: the expected seconds left, scaled by how this machine compares so far.
-            pace = spent / spent_expected if spent_expected else 1.0
+            pace = spent / spent_expected if spent_expected >= 60 else 1.0
             print(f'[demo] stage {number}/{len(selected)} {name} | elapsed '
                   f'{format_seconds(time.time() - start)} | ETA '
                   f'{format_seconds(pace * expected_left)}', flush=True)
