@@ -4,6 +4,8 @@ localised by Grad-CAM and the detection proposal its map covers best.
 
     torchrun --nproc_per_node=8 Grounding.py --config configs/Grounding.yaml \
         --output_dir output/grounding --checkpoint ALBEF.pth --gradcam_mode itm --block_num 8
+Continue a killed run where its newest checkpoint in --output_dir left it: the same command
+with --resume.
 Evaluate the released refcoco.pth:
     python Grounding.py --config configs/Grounding.yaml --output_dir output/grounding_eval \
         --checkpoint refcoco.pth --evaluate
@@ -18,6 +20,7 @@ import os
 import torch
 
 import config_schema
+import resume
 import utils
 from dataset import create_dataset, create_loader, create_sampler
 from dataset.grounding_dataset import load_refer
@@ -58,6 +61,7 @@ def main(argv=None):
     parser.add_argument('--block_num', default=8, type=int,
                         help='text-encoder layer (itm) or ViT block (itc) whose attention is used')
     parser.add_argument('--evaluate', action='store_true', help='only evaluate --checkpoint')
+    resume.add_argument(parser)
     args = parser.parse_args(argv)
     utils.init_distributed_mode(args)
     config = config_schema.load_task_config(args, 'grounding')
@@ -69,67 +73,66 @@ def main(argv=None):
         utils.save_config(config, os.path.join(args.output_dir, 'config.yaml'))
 
     train_set, test_set = create_dataset('grounding', config)
-    world, rank = utils.get_world_size(), utils.get_rank()
-    samplers = (create_sampler([train_set, test_set], [True, False], world, rank)
-                if args.distributed else [None, None])
-    train_loader, test_loader = create_loader(
-        [train_set, test_set], samplers, batch_size=[config['batch_size']] * 2,
-        num_workers=[config['num_workers']] * 2, is_trains=[not args.evaluate, False],
-        collate_fns=[None, None])
+    train_loader = resume.train_loader(train_set, config['batch_size'], config['num_workers'],
+                                       seed=args.seed)
+    samplers = (create_sampler([test_set], [False], utils.get_world_size(), utils.get_rank())
+                if args.distributed else [None])
+    test_loader, = create_loader([test_set], samplers, batch_size=[config['batch_size']],
+                                 num_workers=[config['num_workers']], is_trains=[False],
+                                 collate_fns=[None])
     refer = load_refer(config['refcoco_data'], 'refcoco+', 'unc')
     with open(config['det_file'], encoding='utf-8') as f:
         dets = json.load(f)
 
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
     model = ALBEF(config=config, text_encoder=config['text_encoder'], tokenizer=tokenizer)
-    if args.checkpoint:
-        load_retrieval_checkpoint(model, args.checkpoint)
     model = model.to(device)
+    optimizer = create_optimizer(config['optimizer'], model)
+    lr_scheduler = create_scheduler(config['schedular'], optimizer)
+    run = resume.TrainingRun(args.output_dir, config, model, optimizer, lr_scheduler, train_loader,
+                             kind='retrieval', evaluates=True)
+    start_epoch = run.resume() if args.resume and not args.evaluate else 0
+    if args.checkpoint and not run.resumed_from:
+        load_retrieval_checkpoint(model, args.checkpoint)
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-    optimizer = create_optimizer(config['optimizer'], model_without_ddp)
-    lr_scheduler = create_scheduler(config['schedular'], optimizer)
 
     max_epoch = config['schedular']['epochs']
     warmup_epochs = config['schedular']['warmup_epochs']
     train_step = make_train_step(tokenizer, device)
-    best, best_epoch = -1.0, None
-    for epoch in range(0, 1 if args.evaluate else max_epoch):
+    accuracy = None
+    for epoch in range(start_epoch, 1 if args.evaluate else max_epoch):
         train_stats = {}
         if not args.evaluate:
-            if args.distributed:
-                train_loader.sampler.set_epoch(epoch)
-            train_stats = train_one_epoch(model, train_loader, optimizer, lr_scheduler, epoch,
-                                          device, config, train_step,
-                                          warmup_steps=100 * warmup_epochs,
-                                          warm_up=config['warm_up'],
-                                          print_freq=config['print_freq'], stats_fmt=None)
+            train_stats = run.train_epoch(epoch, lambda start_step: train_one_epoch(
+                model, train_loader, optimizer, lr_scheduler, epoch, device, config, train_step,
+                warmup_steps=100 * warmup_epochs, warm_up=config['warm_up'],
+                print_freq=config['print_freq'], stats_fmt=None, start_step=start_step, hooks=run))
         results = localise(model_without_ddp, test_loader, tokenizer, device, args.gradcam_mode,
                            args.block_num)
         accuracy = grounding_eval(results, dets, refer, alpha=0.5)
         logger.info('epoch %d grounding accuracy %s', epoch, accuracy)
-        if utils.is_main_process():
-            utils.append_log(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
-                                               **accuracy, 'epoch': epoch})
-            if not args.evaluate and accuracy['val_d'] > best:
-                best, best_epoch = accuracy['val_d'], epoch
+        utils.append_log(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
+                                           **accuracy, 'epoch': epoch})
+        if not args.evaluate:
+            # every rank scores the same merged maps
+            if run.improved(epoch, accuracy['val_d']):
                 utils.save_checkpoint({'model': model_without_ddp.state_dict(),
                                        'optimizer': optimizer.state_dict(),
                                        'lr_scheduler': lr_scheduler.state_dict(),
                                        'config': config, 'epoch': epoch},
                                       os.path.join(args.output_dir, 'checkpoint_best.pth'))
-        if not args.evaluate:
             lr_scheduler.step(epoch + warmup_epochs + 1)
+            run.end_epoch(epoch)
         utils.barrier()
 
-    if best_epoch is not None:
-        logger.info('best epoch: %d (val_d %.4f)', best_epoch, best)
-        if utils.is_main_process():
-            utils.append_log(args.output_dir, {'best_epoch': best_epoch})
+    if run.best_epoch is not None:
+        logger.info('best epoch: %d (val_d %.4f)', run.best_epoch, run.best_value)
+        utils.append_log(args.output_dir, {'best_epoch': run.best_epoch})
     utils.destroy_distributed()
-    return {'accuracy': accuracy, 'best_epoch': best_epoch}
+    return {'accuracy': accuracy, 'best_epoch': run.best_epoch}
 
 
 if __name__ == '__main__':

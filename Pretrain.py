@@ -43,6 +43,12 @@ def make_train_step(tokenizer, config, device):
     return train_step
 
 
+def latest_checkpoint(output_dir):
+    """The epoch-end checkpoint_NN.pth of the highest epoch in output_dir, or None."""
+    ends = [path for path in resume.checkpoints(output_dir) if resume.is_epoch_end(path)]
+    return ends[0] if ends else None
+
+
 def main(argv=None):
     parser = utils.get_args_parser('ALBEF pre-training')
     parser.add_argument('--resume', type=utils.str2bool, nargs='?', const=True, default=False,
@@ -90,11 +96,10 @@ def main(argv=None):
     for epoch in range(start_epoch, max_epoch):
         if epoch > 0:
             lr_scheduler.step(epoch + warmup_epochs)
-        start_step = run.begin_epoch(epoch)
-        train_stats = train_one_epoch(model, data_loader, optimizer, lr_scheduler, epoch, device,
-                                      config, train_step, warmup_steps=100 * warmup_epochs,
-                                      warm_up=True, print_freq=config['print_freq'], stats_fmt=None,
-                                      start_step=start_step, hooks=run)
+        train_stats = run.train_epoch(epoch, lambda start_step: train_one_epoch(
+            model, data_loader, optimizer, lr_scheduler, epoch, device, config, train_step,
+            warmup_steps=100 * warmup_epochs, warm_up=True, print_freq=config['print_freq'],
+            stats_fmt=None, start_step=start_step, hooks=run))
         run.end_epoch(epoch)  # checkpoint_NN.pth
         faults = {'skipped_samples': int(utils.all_reduce_sum(skipped_samples(dataset))),
                   'skipped_nonfinite_steps': run.skipped_steps}

@@ -5,6 +5,8 @@ describes. Starts from a pre-training checkpoint; its output starts NLVR.py.
 One node, 8 GPUs:
     torchrun --nproc_per_node=8 Pretrain_nlvr.py --config configs/NLVR_pretrain.yaml \
         --output_dir output/nlvr_pretrain --checkpoint ALBEF.pth
+Continue a killed run where its newest checkpoint in --output_dir left it: the same command
+with --resume.
 On the synthetic data:
     python Pretrain_nlvr.py --config configs/tiny/NLVR_pretrain.yaml \
         --output_dir output/nlvr_pretrain_tiny --checkpoint output/pretrain_tiny/checkpoint_07.pth
@@ -17,8 +19,9 @@ import time
 import torch
 
 import config_schema
+import resume
 import utils
-from dataset import create_dataset, create_loader, create_sampler
+from dataset import create_dataset
 from engine import train_one_epoch
 from models.checkpoint import load_for_finetuning
 from models.model_pretrain_nlvr import ALBEF
@@ -42,6 +45,7 @@ def make_train_step(tokenizer, device):
 
 def main(argv=None):
     parser = utils.get_args_parser('ALBEF text-assignment pre-training for NLVR2')
+    resume.add_argument(parser)
     args = parser.parse_args(argv)
     utils.init_distributed_mode(args)
     config = config_schema.load_task_config(args, 'pretrain_nlvr')
@@ -53,21 +57,20 @@ def main(argv=None):
         utils.save_config(config, os.path.join(args.output_dir, 'config.yaml'))
 
     dataset = create_dataset('pretrain', config)
-    samplers = (create_sampler([dataset], [True], utils.get_world_size(), utils.get_rank())
-                if args.distributed else [None])
-    data_loader = create_loader([dataset], samplers, batch_size=[config['batch_size']],
-                                num_workers=[config.get('num_workers', 4)], is_trains=[True],
-                                collate_fns=[None])[0]
+    data_loader = resume.train_loader(dataset, config['batch_size'], config.get('num_workers', 4),
+                                      seed=args.seed)
 
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
     model = ALBEF(config=config, text_encoder=config['text_encoder'], tokenizer=tokenizer)
-    if args.checkpoint:
-        load_for_finetuning(model, args.checkpoint, target_kind='pretrain_nlvr')
     model = model.to(device)
     optimizer = create_optimizer(config['optimizer'], model)
     lr_scheduler = create_scheduler(config['schedular'], optimizer)
+    run = resume.TrainingRun(args.output_dir, config, model, optimizer, lr_scheduler, data_loader,
+                             kind='pretrain_nlvr')
+    start_epoch = run.resume() if args.resume else 0
+    if args.checkpoint and not run.resumed_from:
+        load_for_finetuning(model, args.checkpoint, target_kind='pretrain_nlvr')
 
-    model_without_ddp = model
     if args.distributed:
         # text_proj and temp take no part in the loss (spec 6.6).
         model = torch.nn.parallel.DistributedDataParallel(
@@ -80,20 +83,17 @@ def main(argv=None):
     logger.info('text-assignment pre-training for %d epochs, %d steps per epoch',
                 max_epoch, len(data_loader))
     start_time = time.time()
-    for epoch in range(0, max_epoch):
+    train_stats = {}
+    for epoch in range(start_epoch, max_epoch):
         if epoch > 0:
             lr_scheduler.step(epoch + warmup_epochs)
-        if args.distributed:
-            data_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model, data_loader, optimizer, lr_scheduler, epoch, device,
-                                      config, train_step, warmup_steps=100 * warmup_epochs,
-                                      print_freq=config.get('print_freq', 50), stats_fmt=None)
-        if utils.is_main_process():
-            state = {'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
-                     'lr_scheduler': lr_scheduler.state_dict(), 'config': config, 'epoch': epoch}
-            utils.save_checkpoint(state, os.path.join(args.output_dir, f'checkpoint_{epoch:02d}.pth'))
-            utils.append_log(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
-                                               'epoch': epoch})
+        train_stats = run.train_epoch(epoch, lambda start_step: train_one_epoch(
+            model, data_loader, optimizer, lr_scheduler, epoch, device, config, train_step,
+            warmup_steps=100 * warmup_epochs, print_freq=config.get('print_freq', 50),
+            stats_fmt=None, start_step=start_step, hooks=run))
+        run.end_epoch(epoch)  # checkpoint_NN.pth
+        utils.append_log(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
+                                           'epoch': epoch})
         utils.barrier()
 
     logger.info('training time %s', datetime.timedelta(seconds=int(time.time() - start_time)))

@@ -3,6 +3,10 @@
 From a pre-training checkpoint (position embeddings resized to the config's resolution):
     torchrun --nproc_per_node=8 Retrieval.py --config configs/Retrieval_coco.yaml \
         --output_dir output/retrieval_coco --checkpoint ALBEF.pth
+Continue a killed run where its newest checkpoint in --output_dir left it (the same command
+with --resume; `checkpoint_every_steps` in the config adds checkpoints inside epochs):
+    torchrun --nproc_per_node=8 Retrieval.py --config configs/Retrieval_coco.yaml \
+        --output_dir output/retrieval_coco --checkpoint ALBEF.pth --resume
 Evaluate a fine-tuned checkpoint (a training save or the released mscoco.pth / flickr30k.pth):
     torchrun --nproc_per_node=8 Retrieval.py --config configs/Retrieval_coco.yaml \
         --output_dir output/retrieval_coco_eval --checkpoint mscoco.pth --evaluate
@@ -17,8 +21,9 @@ import time
 import torch
 
 import config_schema
+import resume
 import utils
-from dataset import create_dataset, create_loader, create_sampler
+from dataset import create_dataset, create_loader
 from engine import train_one_epoch
 from models.checkpoint import load_retrieval_checkpoint
 from models.model_retrieval import ALBEF
@@ -60,6 +65,7 @@ def evaluate(model, data_loader, tokenizer, device, config):
 def main(argv=None):
     parser = utils.get_args_parser('ALBEF image-text retrieval')
     parser.add_argument('--evaluate', action='store_true', help='only evaluate --checkpoint')
+    resume.add_argument(parser)
     args = parser.parse_args(argv)
     utils.init_distributed_mode(args)
     config = config_schema.load_task_config(args, 'retrieval')
@@ -71,68 +77,65 @@ def main(argv=None):
         utils.save_config(config, os.path.join(args.output_dir, 'config.yaml'))
 
     train_set, val_set, test_set = create_dataset('re', config)
-    # Evaluation loaders are not sharded: every rank encodes everything (the score matrices are
-    # split by query inside `evaluation`).
-    samplers = (create_sampler([train_set], [True], utils.get_world_size(), utils.get_rank())
-                if args.distributed else [None]) + [None, None]
-    train_loader, val_loader, test_loader = create_loader(
-        [train_set, val_set, test_set], samplers,
-        batch_size=[config['batch_size_train']] + [config['batch_size_test']] * 2,
-        num_workers=[config['num_workers']] * 3, is_trains=[not args.evaluate, False, False],
-        collate_fns=[None] * 3)
+    train_loader = resume.train_loader(train_set, config['batch_size_train'], config['num_workers'],
+                                       seed=args.seed)
+    # Evaluation loaders are not sharded: every rank encodes everything (the ITM re-ranking is
+    # split between ranks inside `evaluation`).
+    val_loader, test_loader = create_loader(
+        [val_set, test_set], [None, None], batch_size=[config['batch_size_test']] * 2,
+        num_workers=[config['num_workers']] * 2, is_trains=[False, False], collate_fns=[None] * 2)
 
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
     model = ALBEF(config=config, text_encoder=config['text_encoder'], tokenizer=tokenizer)
-    if args.checkpoint:
-        load_retrieval_checkpoint(model, args.checkpoint)
     model = model.to(device)
+    optimizer = create_optimizer(config['optimizer'], model)
+    lr_scheduler = create_scheduler(config['schedular'], optimizer)
+    run = resume.TrainingRun(args.output_dir, config, model, optimizer, lr_scheduler, train_loader,
+                             kind='retrieval', evaluates=True)
+    start_epoch = run.resume() if args.resume and not args.evaluate else 0
+    if args.checkpoint and not run.resumed_from:
+        load_retrieval_checkpoint(model, args.checkpoint)
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-    optimizer = create_optimizer(config['optimizer'], model_without_ddp)
-    lr_scheduler = create_scheduler(config['schedular'], optimizer)
 
     max_epoch = config['schedular']['epochs']
     warmup_epochs = config['schedular']['warmup_epochs']
     train_step = make_train_step(tokenizer, device)
-    best, best_epoch = -1.0, None
-    for epoch in range(0, 1 if args.evaluate else max_epoch):
+    val_result = test_result = None
+    for epoch in range(start_epoch, 1 if args.evaluate else max_epoch):
         train_stats = {}
         if not args.evaluate:
-            if args.distributed:
-                train_loader.sampler.set_epoch(epoch)
-            train_stats = train_one_epoch(model, train_loader, optimizer, lr_scheduler, epoch,
-                                          device, config, train_step,
-                                          warmup_steps=100 * warmup_epochs,
-                                          warm_up=config['warm_up'],
-                                          print_freq=config['print_freq'], stats_fmt=None)
+            train_stats = run.train_epoch(epoch, lambda start_step: train_one_epoch(
+                model, train_loader, optimizer, lr_scheduler, epoch, device, config, train_step,
+                warmup_steps=100 * warmup_epochs, warm_up=config['warm_up'],
+                print_freq=config['print_freq'], stats_fmt=None, start_step=start_step, hooks=run))
         val_result = evaluate(model_without_ddp, val_loader, tokenizer, device, config)
         test_result = evaluate(model_without_ddp, test_loader, tokenizer, device, config)
         logger.info('epoch %d val %s', epoch, val_result)
         logger.info('epoch %d test %s', epoch, test_result)
-        if utils.is_main_process():
-            utils.append_log(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
-                                               **{f'val_{k}': v for k, v in val_result.items()},
-                                               **{f'test_{k}': v for k, v in test_result.items()},
-                                               'epoch': epoch})
-            if not args.evaluate and val_result['r_mean'] > best:
-                best, best_epoch = val_result['r_mean'], epoch
+        utils.append_log(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
+                                           **{f'val_{k}': v for k, v in val_result.items()},
+                                           **{f'test_{k}': v for k, v in test_result.items()},
+                                           'epoch': epoch})
+        if not args.evaluate:
+            # every rank computes the same recalls (from the all-reduced score matrices)
+            if run.improved(epoch, val_result['r_mean']):
                 utils.save_checkpoint({'model': model_without_ddp.state_dict(),
                                        'optimizer': optimizer.state_dict(),
                                        'lr_scheduler': lr_scheduler.state_dict(),
                                        'config': config, 'epoch': epoch},
                                       os.path.join(args.output_dir, 'checkpoint_best.pth'))
-        if not args.evaluate:
             lr_scheduler.step(epoch + warmup_epochs + 1)
+            run.end_epoch(epoch)
         utils.barrier()
 
-    if best_epoch is not None:
-        logger.info('best epoch: %d (val r_mean %.2f)', best_epoch, best)
-        if utils.is_main_process():
-            utils.append_log(args.output_dir, {'best_epoch': best_epoch})
+    if run.best_epoch is not None:
+        logger.info('best epoch: %d (val r_mean %.2f)', run.best_epoch, run.best_value)
+        utils.append_log(args.output_dir, {'best_epoch': run.best_epoch})
     utils.destroy_distributed()
-    return {'val': val_result, 'test': test_result, 'best_epoch': best_epoch}
+    return {'val': val_result, 'test': test_result, 'best_epoch': run.best_epoch}
 
 
 if __name__ == '__main__':

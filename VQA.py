@@ -9,6 +9,10 @@ locally with the VQA accuracy (dataset/vqa_eval.py).
 From a pre-training checkpoint:
     torchrun --nproc_per_node=8 VQA.py --config configs/VQA.yaml --output_dir output/vqa \
         --checkpoint ALBEF.pth
+Continue a killed run where its newest checkpoint in --output_dir left it (the same command
+with --resume; a run killed while answering answers on resuming):
+    torchrun --nproc_per_node=8 VQA.py --config configs/VQA.yaml --output_dir output/vqa \
+        --checkpoint ALBEF.pth --resume
 Answer the test questions with a fine-tuned checkpoint:
     torchrun --nproc_per_node=8 VQA.py --config configs/VQA.yaml --output_dir output/vqa_eval \
         --checkpoint output/vqa/checkpoint_07.pth --evaluate
@@ -23,6 +27,7 @@ import os
 import torch
 
 import config_schema
+import resume
 import utils
 from dataset import create_dataset, create_loader, create_sampler, vqa_collate_fn
 from dataset.transforms import create_transform
@@ -115,6 +120,7 @@ def main(argv=None):
                         help='only answer the questions with the fine-tuned --checkpoint')
     parser.add_argument('--text_decoder', default=None,
                         help="BERT weights of the answer decoder; overrides the config's text_decoder")
+    resume.add_argument(parser)
     args = parser.parse_args(argv)
     if args.evaluate and not args.checkpoint:
         parser.error('--evaluate needs --checkpoint (a fine-tuned VQA checkpoint)')
@@ -134,26 +140,29 @@ def main(argv=None):
                                        create_transform('test', config['image_res']),
                                        config['vqa_root'], config['vg_root'], eos=config['eos'],
                                        split='test', answer_list=config['answer_list'])
-    datasets = [train_set, *eval_sets.values()]
-    samplers = (create_sampler(datasets, [True] + [False] * len(eval_sets), utils.get_world_size(),
-                               utils.get_rank()) if args.distributed else [None] * len(datasets))
-    train_loader, *eval_loaders = create_loader(
-        datasets, samplers,
-        batch_size=[config['batch_size_train']] + [config['batch_size_test']] * len(eval_sets),
-        num_workers=[config.get('num_workers', 4)] * len(datasets),
-        is_trains=[not args.evaluate] + [False] * len(eval_sets),
-        collate_fns=[vqa_collate_fn] + [None] * len(eval_sets))
+    num_workers, splits = config.get('num_workers', 4), len(eval_sets)
+    train_loader = resume.train_loader(train_set, config['batch_size_train'], num_workers,
+                                       seed=args.seed, collate_fn=vqa_collate_fn)
+    samplers = (create_sampler(list(eval_sets.values()), [False] * splits, utils.get_world_size(),
+                               utils.get_rank()) if args.distributed else [None] * splits)
+    eval_loaders = create_loader(list(eval_sets.values()), samplers,
+                                 batch_size=[config['batch_size_test']] * splits,
+                                 num_workers=[num_workers] * splits, is_trains=[False] * splits,
+                                 collate_fns=[None] * splits)
 
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
     model = ALBEF(config=config, text_encoder=config['text_encoder'],
                   text_decoder=config['text_decoder'], tokenizer=tokenizer)
-    if args.evaluate:
-        load_checkpoint(model, args.checkpoint, kind='vqa')
-    elif args.checkpoint:
-        load_for_finetuning(model, args.checkpoint, target_kind='vqa')
     model = model.to(device)
     optimizer = create_optimizer(config['optimizer'], model)
     lr_scheduler = create_scheduler(config['schedular'], optimizer)
+    run = resume.TrainingRun(args.output_dir, config, model, optimizer, lr_scheduler, train_loader,
+                             kind='vqa')
+    start_epoch = run.resume() if args.resume and not args.evaluate else 0
+    if args.evaluate:
+        load_checkpoint(model, args.checkpoint, kind='vqa')
+    elif args.checkpoint and not run.resumed_from:
+        load_for_finetuning(model, args.checkpoint, target_kind='vqa')
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -163,22 +172,15 @@ def main(argv=None):
     warmup_epochs = config['schedular']['warmup_epochs']
     print_freq = config.get('print_freq', 50)
     train_step = make_train_step(tokenizer, device)
-    epoch = 0
-    for epoch in range(0, 0 if args.evaluate else max_epoch):
+    epoch = max(start_epoch - 1, 0)  # the last trained epoch names the result files
+    for epoch in range(start_epoch, 0 if args.evaluate else max_epoch):
         if epoch > 0:
             lr_scheduler.step(epoch + warmup_epochs)
-        if args.distributed:
-            train_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model, train_loader, optimizer, lr_scheduler, epoch, device,
-                                      config, train_step, warmup_steps=100 * warmup_epochs,
-                                      warm_up=config['warm_up'], print_freq=print_freq,
-                                      stats_fmt=None)
-        if utils.is_main_process():
-            utils.save_checkpoint({'model': model_without_ddp.state_dict(),
-                                   'optimizer': optimizer.state_dict(),
-                                   'lr_scheduler': lr_scheduler.state_dict(),
-                                   'config': config, 'epoch': epoch},
-                                  os.path.join(args.output_dir, f'checkpoint_{epoch:02d}.pth'))
+        train_stats = run.train_epoch(epoch, lambda start_step: train_one_epoch(
+            model, train_loader, optimizer, lr_scheduler, epoch, device, config, train_step,
+            warmup_steps=100 * warmup_epochs, warm_up=config['warm_up'], print_freq=print_freq,
+            stats_fmt=None, start_step=start_step, hooks=run))
+        run.end_epoch(epoch)  # checkpoint_NN.pth
         utils.append_log(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
                                            'epoch': epoch})
         utils.barrier()

@@ -16,13 +16,21 @@ What makes the continuation exact:
   global RNGs that the training step uses (MLM masks, hard negatives);
 - each rank restores its own torch / CUDA / numpy / python RNG state.
 
-Scripts use it in a few lines (see Pretrain.py):
+Scripts that evaluate after each epoch also checkpoint the end of its training, before the
+evaluation: a run killed during the evaluation resumes with that evaluation (training is not
+repeated), and the best metric so far travels in the checkpoint (TrainingRun.improved).
+
+Scripts use it in a few lines (see Pretrain.py, VE.py):
+    resume.add_argument(parser)
     loader = resume.train_loader(dataset, batch_size, num_workers, seed=args.seed)
-    run = resume.TrainingRun(args.output_dir, config, model, optimizer, lr_scheduler, loader, 'pretrain')
-    start_epoch = run.resume(args.checkpoint) if args.resume else 0
+    run = resume.TrainingRun(args.output_dir, config, model, optimizer, lr_scheduler, loader, 've',
+                             evaluates=True)
+    start_epoch = run.resume() if args.resume else 0
     for epoch in range(start_epoch, max_epoch):
-        start_step = run.begin_epoch(epoch)
-        train_one_epoch(..., start_step=start_step, hooks=run)
+        stats = run.train_epoch(epoch, lambda start_step: train_one_epoch(
+            ..., start_step=start_step, hooks=run))
+        ... evaluate ...
+        if run.improved(epoch, metric): save checkpoint_best.pth
         run.end_epoch(epoch)
 """
 import contextlib
@@ -44,6 +52,13 @@ logger = logging.getLogger(__name__)
 # Test hook: exit the process abruptly (no clean-up, as a kill) once this many steps are done.
 EXIT_AFTER_STEPS_ENV = 'ALBEF_EXIT_AFTER_STEPS'
 _CHECKPOINT_NAME = re.compile(r'checkpoint_(\d+)(?:_step(\d+))?\.pth$')
+
+
+def add_argument(parser):
+    """The --resume flag of the training scripts."""
+    parser.add_argument('--resume', type=utils.str2bool, nargs='?', const=True, default=False,
+                        help='continue the run in --output_dir from its newest readable checkpoint '
+                             '(starts afresh when there is none)')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,12 +191,17 @@ def _position(path):
     return (epoch, float('inf') if step is None else int(step))
 
 
+def is_epoch_end(path):
+    """Whether `path` is named as an epoch-end checkpoint_NN.pth."""
+    return _position(path)[1] == float('inf')
+
+
 def checkpoints(output_dir, step_only=False):
     """The checkpoint files of `output_dir`, newest position first."""
     paths = [p for p in glob.glob(os.path.join(output_dir, 'checkpoint_*.pth'))
              if _CHECKPOINT_NAME.search(os.path.basename(p))]
     if step_only:
-        paths = [p for p in paths if _position(p)[1] != float('inf')]
+        paths = [p for p in paths if not is_epoch_end(p)]
     return sorted(paths, key=_position, reverse=True)
 
 
@@ -196,21 +216,33 @@ class TrainingRun:
     Config keys: checkpoint_every_steps (0: epoch checkpoints only), keep_checkpoints (step
     checkpoints kept), skip_nonfinite_steps (steps with a non-finite loss skipped, counted,
     before the run stops).
+
+    evaluates: the script evaluates after training each epoch (the fine-tuning scripts). The end
+    of the training is then checkpointed before the evaluation, so that a kill during it loses
+    no training (the resumed run evaluates that epoch), and again once the epoch is finished.
+    Both go to checkpoint_NN_stepSSSSSS.pth (SSSSSS: the steps per epoch), rotated with the step
+    checkpoints, and only such files are resumed from: the original kept only the best epoch's
+    file there. Otherwise (pre-training, VQA) an epoch ends with checkpoint_NN.pth, all kept, as
+    the original's.
     """
 
     def __init__(self, output_dir, config, model, optimizer, lr_scheduler, loader, kind,
-                 scaler=None):
+                 scaler=None, evaluates=False):
         self.output_dir, self.config, self.kind = output_dir, config, kind
         self.model, self.optimizer, self.lr_scheduler, self.scaler = model, optimizer, lr_scheduler, scaler
         self.loader = loader
         self.steps_per_epoch = len(loader)
+        self.evaluates = evaluates
         self.every = config.get('checkpoint_every_steps', 0)
         self.keep = config.get('keep_checkpoints', 2)
         self.skip_limit = config.get('skip_nonfinite_steps', 0)
         self.skipped_steps = 0
         self.last_checkpoint = None
+        self.resumed_from = None  # the checkpoint resume() loaded
+        self.best_value, self.best_epoch = float('-inf'), None  # see improved()
         self._resume_at = (0, 0)  # (epoch, steps done in it) where training starts
         self._rng = None          # this rank's RNG state to restore when training starts
+        self._train_stats = {}    # the averages of an epoch trained before the resumed checkpoint
         exit_after = os.environ.get(EXIT_AFTER_STEPS_ENV)
         self._exit_after = int(exit_after) if exit_after else None
 
@@ -219,7 +251,7 @@ class TrainingRun:
     def resume(self, path=None):
         """Load the checkpoint at `path` (default: the newest readable one in output_dir) and
         return the epoch to start from; 0 when there is nothing to resume."""
-        candidates = [path] if path else checkpoints(self.output_dir)
+        candidates = [path] if path else checkpoints(self.output_dir, step_only=self.evaluates)
         for candidate in candidates:
             try:
                 checkpoint = read_checkpoint(candidate)
@@ -245,25 +277,32 @@ class TrainingRun:
             self._resume_at = (checkpoint['epoch'] + 1, 0)
             logger.info('resumed from %s (no RNG or sampler state): epoch %d', path, self._resume_at[0])
         else:
-            self._resume_at = (extra['epoch'], extra['step'])
+            # An epoch-end checkpoint stands for "training of the epoch done" whatever the number
+            # of steps per epoch of this run (another number of processes, say).
+            done = self.steps_per_epoch if extra.get('epoch_trained') else extra['step']
+            self._resume_at = (extra['epoch'], done)
             self.skipped_steps = extra.get('skipped_nonfinite_steps', 0)
+            best = extra.get('best') or {}
+            self.best_value = best.get('value', float('-inf'))
+            self.best_epoch = best.get('epoch')
+            self._train_stats = extra.get('train_stats') or {}
             if self.scaler is not None and extra.get('scaler') is not None:
                 self.scaler.load_state_dict(extra['scaler'])
             self._restore_rng(extra['rng'], path)
             logger.info('resumed from %s: epoch %d after step %d', path, *self._resume_at)
-        if self._resume_at[1] >= self.steps_per_epoch:
+        if self._resume_at[1] > self.steps_per_epoch:
             raise CheckpointError(f'{path} was written after step {self._resume_at[1]} of epoch '
                                   f'{self._resume_at[0]}, but an epoch now has {self.steps_per_epoch} '
                                   'steps: the data, batch size or number of processes changed')
-        self.last_checkpoint = path
+        self.last_checkpoint = self.resumed_from = path
 
     def _restore_rng(self, states, path):
         if len(states) == utils.get_world_size():
             self._rng = states[utils.get_rank()]
-        elif self._resume_at[1]:
+        elif 0 < self._resume_at[1] < self.steps_per_epoch:
             raise CheckpointError(f'{path} was written by {len(states)} processes, this run has '
                                   f'{utils.get_world_size()}: resuming inside an epoch needs the same '
-                                  'number (an epoch-end checkpoint_NN.pth resumes with any number)')
+                                  'number (an epoch-end checkpoint resumes with any number)')
         else:
             logger.warning('%s was written by %d processes, this run has %d: RNG states not restored',
                            path, len(states), utils.get_world_size())
@@ -282,11 +321,42 @@ class TrainingRun:
             self._rng = None
         return done
 
-    def end_epoch(self, epoch):
-        """Write checkpoint_NN.pth (every rank calls this: the RNG states are gathered)."""
-        self._save(checkpoint_path(self.output_dir, epoch), epoch, next_position=(epoch + 1, 0))
+    def train_epoch(self, epoch, train):
+        """Train `epoch` by calling train(start_step) (engine.train_one_epoch with
+        start_step=start_step, hooks=self) and return the epoch's training averages; with
+        `evaluates`, checkpoint the end of the training. An epoch whose training had ended
+        before the checkpoint resumed from is not trained again (its averages come from there)."""
+        start_step = self.begin_epoch(epoch)
+        if start_step == self.steps_per_epoch:
+            logger.info('epoch %d was trained before the checkpoint: its evaluation follows', epoch)
+            return self._train_stats
+        stats = train(start_step)
+        if self.evaluates:
+            self._save(self._epoch_path(epoch), epoch, next_position=(epoch, self.steps_per_epoch),
+                       train_stats=stats)
+        return stats
 
-    def _save(self, path, epoch, next_position):
+    def end_epoch(self, epoch):
+        """Checkpoint the finished epoch, after everything the script does for it (every rank
+        calls this: the RNG states are gathered)."""
+        self._save(self._epoch_path(epoch), epoch, next_position=(epoch + 1, 0))
+        if self.evaluates:
+            self._rotate()
+
+    def _epoch_path(self, epoch):
+        if self.evaluates:
+            return checkpoint_path(self.output_dir, epoch, self.steps_per_epoch)
+        return checkpoint_path(self.output_dir, epoch)
+
+    def improved(self, epoch, value):
+        """Record `value` (higher is better; NaN never is) of the evaluation of `epoch`; True when
+        it beats every earlier epoch. Call it on every rank with the same value."""
+        if value > self.best_value:
+            self.best_value, self.best_epoch = value, epoch
+            return True
+        return False
+
+    def _save(self, path, epoch, next_position, train_stats=None):
         # 'epoch' keeps the released meaning at an epoch end; in a step checkpoint it is the
         # running epoch. Resuming reads the position from 'resume'.
         rng = utils.all_gather_objects(rng_state())
@@ -295,9 +365,12 @@ class TrainingRun:
             state = {'model': model.state_dict(), 'optimizer': self.optimizer.state_dict(),
                      'lr_scheduler': self.lr_scheduler.state_dict(), 'config': self.config,
                      'epoch': epoch,
-                     'resume': {'epoch': next_position[0], 'step': next_position[1], 'rng': rng,
+                     'resume': {'epoch': next_position[0], 'step': next_position[1],
+                                'epoch_trained': next_position[1] == self.steps_per_epoch, 'rng': rng,
                                 'scaler': self.scaler.state_dict() if self.scaler is not None else None,
-                                'skipped_nonfinite_steps': self.skipped_steps}}
+                                'skipped_nonfinite_steps': self.skipped_steps,
+                                'best': {'value': self.best_value, 'epoch': self.best_epoch},
+                                'train_stats': train_stats}}
             utils.save_checkpoint(state, path)
         self.last_checkpoint = path
 
@@ -337,5 +410,10 @@ class TrainingRun:
         if self._exit_after is not None and global_step >= self._exit_after:
             logger.warning('%s=%d: exiting abruptly after step %d', EXIT_AFTER_STEPS_ENV,
                            self._exit_after, global_step)
-            logging.shutdown()
-            os._exit(75)
+            exit_abruptly(75)
+
+
+def exit_abruptly(code):
+    """End the process at once, as a kill would: no clean-up, no further checkpoint."""
+    logging.shutdown()
+    os._exit(code)

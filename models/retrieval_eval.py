@@ -137,20 +137,29 @@ def score_pairs(model, image_embeds, text_embeds, text_atts, image_idx, text_idx
     return scores
 
 
+def rank_share(count, rank, world_size):
+    """The slice of `count` items rank `rank` of `world_size` handles: contiguous, sizes differ
+    by at most one."""
+    return slice(rank * count // world_size, (rank + 1) * count // world_size)
+
+
 @torch.no_grad()
 def itm_score_matrices(model, image_embeds, text_embeds, text_atts, sims, k_test, rank=0,
                        world_size=1, pair_batch=256, image_batch=32, trim_padding=True):
     """The plain path's (score_i2t, score_t2i), computed faster (see the module docstring).
 
-    With several ranks the images are split between them and the results merged, so the
-    matrices do not depend on the world size. NOTE(fixed): the plain path's summed -100 fill
-    shifts scores by the world size; here uncomputed cells read exactly -100.
+    With several ranks each scores an equal share of the pairs and the scores are summed over
+    ranks (an all-reduce), so the matrices do not depend on the world size. The pairs are sorted
+    by image: a share is a run of images (one at a boundary is projected by both ranks). Equal
+    shares of images instead would leave the ranks whose images are frequent ITC candidates of
+    the texts with more pairs, and the others waiting for them in the all-reduce.
+    NOTE(fixed): the plain path's summed -100 fill shifts scores by the world size; here
+    uncomputed cells read exactly -100.
     """
     n_img, n_txt = sims.shape
     pairs, i2t_codes, t2i_codes = candidate_pairs(sims, k_test)
     image_idx, text_idx = pairs // n_txt, pairs % n_txt
-    step = n_img // world_size + 1
-    mine = (image_idx >= rank * step) & (image_idx < (rank + 1) * step)
+    mine = rank_share(pairs.numel(), rank, world_size)
     scores = torch.zeros(pairs.numel(), dtype=sims.dtype, device=sims.device)
     scores[mine] = score_pairs(model, image_embeds, text_embeds, text_atts, image_idx[mine],
                                text_idx[mine], pair_batch, image_batch, trim_padding).to(sims.dtype)

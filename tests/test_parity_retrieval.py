@@ -244,6 +244,17 @@ def test_itm_eval_ranks_by_best_ground_truth():
                             'img_r10', 'img_r_mean', 'r_mean']
 
 
+def test_rank_shares_are_balanced_and_cover_every_pair_once():
+    """The fast path's ITM pairs per rank: equal shares (within one pair) of a contiguous run,
+    so no rank waits long for another in the all-reduce."""
+    for count in (0, 3, 10, 1001):
+        for world_size in (1, 2, 3, 8):
+            shares = [range(count)[retrieval_eval.rank_share(count, r, world_size)]
+                      for r in range(world_size)]
+            assert [i for share in shares for i in share] == list(range(count))
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
 @torch.no_grad()
 def test_rank_split_covers_every_cell_once(fixture):
     """Each rank's share, summed as all_reduce would: the fast path then equals the single-
