@@ -25,8 +25,9 @@ from engine import train_one_epoch
 from models.checkpoint import load_checkpoint, read_checkpoint
 from models.model_pretrain import ALBEF
 from models.tokenization_bert import BertTokenizer
-from optim import create_optimizer
+from optim import optimizer_state_dict
 from scheduler import create_scheduler
+from train_options import build_optimizer, configure_model
 
 logger = logging.getLogger('albef.pretrain')
 
@@ -78,7 +79,8 @@ def main(argv=None):
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
     model = ALBEF(config=config, text_encoder=config['text_encoder'], tokenizer=tokenizer,
                   init_deit=config['init_deit']).to(device)
-    optimizer = create_optimizer(config['optimizer'], model)
+    configure_model(model, config)  # grad_checkpointing, compile
+    optimizer = build_optimizer(config, model)  # optimizer_sharding
     lr_scheduler = create_scheduler(config['schedular'], optimizer)
 
     start_epoch = 0
@@ -112,8 +114,9 @@ def main(argv=None):
         train_stats = train_one_epoch(model, data_loader, optimizer, lr_scheduler, epoch, device,
                                       config, train_step, warmup_steps=100 * warmup_epochs,
                                       warm_up=True, print_freq=config['print_freq'], stats_fmt=None)
+        optimizer_state = optimizer_state_dict(optimizer)  # on every rank (sharded state)
         if utils.is_main_process():
-            state = {'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
+            state = {'model': model_without_ddp.state_dict(), 'optimizer': optimizer_state,
                      'lr_scheduler': lr_scheduler.state_dict(), 'config': config, 'epoch': epoch}
             utils.save_checkpoint(state, os.path.join(args.output_dir, f'checkpoint_{epoch:02d}.pth'))
             utils.append_log(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
