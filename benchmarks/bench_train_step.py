@@ -2,8 +2,11 @@
 
 The full-size ALBEF of configs/Pretrain.yaml (ViT-B/16 at 256 px, BERT-base split 6 + 6, queue
 65,536) with random weights, random images and captions, a few AdamW steps at a small batch on
-the available device. Prints seconds per step (forward + backward + optimiser step; median over
-the timed steps, the two paths interleaved), samples per second, the ratio, the model FLOPs
+the available device. The plain path is fast_train: false with AdamW as configured (the
+original's computation); the fast path is fast_train with the fused AdamW kernel. Prints seconds
+per step (forward + backward + optimiser step; median over the timed steps, the two paths
+interleaved; wall clock and process CPU time, which a shared machine disturbs less), samples per
+second, the ratios, the model FLOPs
 utilisation against a matrix-multiply peak measured in the same run, and memory: activations
 (held from the end of the forward to the backward) and the step's peak above the model and
 optimiser state, for both paths and with activation checkpointing (grad_checkpointing).
@@ -48,7 +51,10 @@ def build(args, device):
     config['bert_config'] = os.path.join(ROOT, config['bert_config'])
     model = ALBEF(config=config, text_encoder=None, tokenizer=TOKENIZER, init_deit=False)
     model = model.to(device).train()
-    optimizer = create_optimizer(config['optimizer'], model)
+    # Plain: AdamW as configured (the original's per-tensor loop); fast: the fused kernel.
+    # Two optimisers with their own state over the same weights.
+    optimizers = {'plain': create_optimizer(config['optimizer'], model),
+                  'fast': create_optimizer({**config['optimizer'], 'fused': True}, model)}
     g = torch.Generator().manual_seed(0)
     image = torch.randn(args.batch, 3, config['image_res'], config['image_res'], generator=g)
     lengths = torch.randint(config['max_tokens'] * 2 // 3, config['max_tokens'] + 1,
@@ -60,17 +66,30 @@ def build(args, device):
     ids = torch.randint(104, vocab_size, atts.shape, generator=g) * atts
     ids[:, 0] = TOKENIZER.cls_token_id
     text = types.SimpleNamespace(input_ids=ids.to(device), attention_mask=atts.to(device))
-    return model, optimizer, image.to(device), text, config
+    return model, optimizers, image.to(device), text, config
 
 
-def train_step(model, optimizer, image, text, fast, after_forward=None):
-    model.fast_train = fast
+def clocks(device):
+    sync(device)
+    return time.perf_counter(), time.process_time()
+
+
+def train_step(model, optimizers, image, text, path, after_forward=None):
+    """One step of `path` ('plain' or 'fast'); returns (wall, CPU) seconds of forward +
+    backward and of the optimiser step."""
+    model.fast_train = path == 'fast'
+    optimizer = optimizers[path]
+    device = image.device
     optimizer.zero_grad(set_to_none=True)
+    start = clocks(device)
     loss = sum(model(image, text, alpha=0.4))
     if after_forward:
         after_forward()
     loss.backward()
+    middle = clocks(device)
     optimizer.step()
+    end = clocks(device)
+    return [[m - s for m, s in zip(middle, start)], [e - m for e, m in zip(end, middle)]]
 
 
 def matmul_peak(device, n=2048, reps=5):
@@ -117,26 +136,28 @@ class RSSSampler:
 def measure_memory(args):
     """Child process: activation and peak step memory (MB) of each configuration."""
     device = torch.device(args.device)
-    model, optimizer, image, text, _ = build(args, device)
-    train_step(model, optimizer, image, text, fast=True)  # AdamW state exists from here on
+    model, optimizers, image, text, _ = build(args, device)
+    for path in optimizers:  # AdamW states exist from here on
+        train_step(model, optimizers, image, text, path)
     results = {}
-    for name, fast, checkpointing in (('plain', False, False), ('fast', True, False),
-                                      ('plain + checkpointing', False, True),
-                                      ('fast + checkpointing', True, True)):
+    for name, path, checkpointing in (('plain', 'plain', False), ('fast', 'fast', False),
+                                      ('plain + checkpointing', 'plain', True),
+                                      ('fast + checkpointing', 'fast', True)):
         set_grad_checkpointing(model, checkpointing)
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
         if device.type == 'cuda':
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
             marks = {}
-            train_step(model, optimizer, image, text, fast,
+            train_step(model, optimizers, image, text, path,
                        lambda: marks.update(forward=torch.cuda.memory_allocated()))
             peak = torch.cuda.max_memory_allocated()
         else:
             before, marks = RSSSampler.rss(), {}
             with RSSSampler() as sampler:
-                train_step(model, optimizer, image, text, fast,
+                train_step(model, optimizers, image, text, path,
                            lambda: marks.update(forward=RSSSampler.rss()))
             peak = sampler.peak
         results[name] = {'activations_mb': (marks['forward'] - before) / 2 ** 20,
@@ -175,54 +196,56 @@ def main():
         return measure_memory(args)
 
     device = torch.device(args.device)
-    model, optimizer, image, text, config = build(args, device)
+    model, optimizers, image, text, config = build(args, device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f'device {device}, threads {torch.get_num_threads()}, batch {args.batch}, image '
           f'{config["image_res"]} px, caption {text.input_ids.shape[1]} tokens, queue '
           f'{config["queue_size"]}, {n_params / 1e6:.0f}M trainable parameters', flush=True)
+    print('plain: fast_train false + AdamW as configured; fast: fast_train + fused AdamW')
 
-    # Warm-up step of each path, counting its matrix-multiply FLOPs (forward + backward).
+    # Warm-up step of each path, counting its FLOPs (forward + backward).
     flops = {}
-    for name, fast in (('plain', False), ('fast', True)):
+    for path in ('plain', 'fast'):
         with FlopCounterMode(display=False) as counter:
-            train_step(model, optimizer, image, text, fast)
-        flops[name] = counter.get_total_flops()
+            train_step(model, optimizers, image, text, path)
+        flops[path] = counter.get_total_flops()
     peak = matmul_peak(device)
 
-    times, cpu_times = {'plain': [], 'fast': []}, {'plain': [], 'fast': []}
+    # Per path: [(wall, CPU) of forward + backward, (wall, CPU) of the optimiser step] per step.
+    runs = {'plain': [], 'fast': []}
     for _ in range(args.steps):  # interleaved, so load changes on a shared machine hit both
-        for name, fast in (('plain', False), ('fast', True)):
-            sync(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            train_step(model, optimizer, image, text, fast)
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-            cpu_times[name].append(time.process_time() - cpu_start)
-            print(f'  {name} step: {times[name][-1]:.2f} s wall, {cpu_times[name][-1]:.2f} s CPU',
-                  flush=True)
+        for path in ('plain', 'fast'):
+            runs[path].append(train_step(model, optimizers, image, text, path))
+            (fb_wall, fb_cpu), (opt_wall, opt_cpu) = runs[path][-1]
+            print(f'  {path} step: {fb_wall + opt_wall:.2f} s wall ({fb_wall:.2f} forward + '
+                  f'backward, {opt_wall:.2f} AdamW), {fb_cpu + opt_cpu:.2f} s CPU', flush=True)
+
+    def median(path, part=None, clock=0):
+        parts = (0, 1) if part is None else (part,)
+        return statistics.median(sum(step[p][clock] for p in parts) for step in runs[path])
 
     print(f'matrix-multiply peak (2048^2 float32): {peak / 1e9:.1f} GFLOP/s')
     print('MFU counts the plain path\'s FLOPs (the work of the original step) for both paths.')
-    for name in ('plain', 'fast'):
-        t = statistics.median(times[name])
-        print(f'{name:5s}: {t:7.2f} s/step  {args.batch / t:6.3f} samples/s  '
-              f'counted {flops[name] / 1e12:.3f} TFLOP/step  MFU {flops["plain"] / t / peak:.1%}')
-    ratio = statistics.median(times['plain']) / statistics.median(times['fast'])
-    cpu_ratio = statistics.median(cpu_times['plain']) / statistics.median(cpu_times['fast'])
-    print(f'speed-up fast vs plain: {ratio:.2f}x per step (wall clock), {cpu_ratio:.2f}x '
-          f'(process CPU time: {statistics.median(cpu_times["plain"]):.2f} s vs '
-          f'{statistics.median(cpu_times["fast"]):.2f} s)')
+    for path in ('plain', 'fast'):
+        t = median(path)
+        print(f'{path:5s}: {t:7.2f} s/step  {args.batch / t:6.3f} samples/s  '
+              f'counted {flops[path] / 1e12:.3f} TFLOP/step  MFU {flops["plain"] / t / peak:.1%}  '
+              f'(CPU time {median(path, clock=1):.2f} s: forward + backward '
+              f'{median(path, 0, 1):.2f} s, AdamW {median(path, 1, 1):.2f} s)')
+    for clock, label in ((0, 'wall clock'), (1, 'process CPU time')):
+        print(f'speed-up fast vs plain ({label}): {median("plain", clock=clock) / median("fast", clock=clock):.2f}x '
+              f'per step, {median("plain", 0, clock) / median("fast", 0, clock):.2f}x forward + backward')
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
-        for name, fast in (('plain', False), ('fast', True)):
+        for path in ('plain', 'fast'):
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                train_step(model, optimizer, image, text, fast)
-            print(f'--- {name}\n' + prof.key_averages().table(sort_by='self_cpu_time_total',
+                train_step(model, optimizers, image, text, path)
+            print(f'--- {path}\n' + prof.key_averages().table(sort_by='self_cpu_time_total',
                                                               row_limit=15))
 
     if not args.skip_memory:
-        del model, optimizer
+        del model, optimizers
         memory = memory_in_child(args)
         unit = 'RSS' if device.type == 'cpu' else 'allocated'
         print(f'memory ({unit}, MB above the model and AdamW state; separate process):')

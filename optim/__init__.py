@@ -31,8 +31,9 @@ def param_groups_weight_decay(model, weight_decay):
 def create_optimizer(config_optimizer, model, sharding=None):
     """torch AdamW from the `optimizer` section of a task config: {opt: adamW, lr, weight_decay}.
 
-    Optional `fused: true` uses the fused CUDA kernel; it is ignored (with a warning) when the
-    parameters are not on CUDA. Both groups start at `lr`. sharding='zero' (the config key
+    Optional `fused: true` uses torch's fused AdamW kernel (CUDA or CPU; the same update up to
+    float rounding); it is ignored (with a warning) for parameters spread over devices. Both
+    groups start at `lr`. sharding='zero' (the config key
     `optimizer_sharding`) wraps AdamW in ZeroRedundancyOptimizer when several processes train:
     each rank keeps the AdamW state of about 1/world of the parameters and broadcasts its
     updated share (same update; save with `optimizer_state_dict`).
@@ -61,10 +62,12 @@ def create_optimizer(config_optimizer, model, sharding=None):
         raise TypeError(f'optimizer config: fused must be true or false, got {fused!r}')
     kwargs = {}
     if fused:
-        if all(p.is_cuda for p in params):
+        # One kernel per step over all tensors: on CUDA, and on CPU (float32, torch >= 2.4).
+        if all(p.is_cuda for p in params) or all(p.device.type == 'cpu' for p in params):
             kwargs['fused'] = True
         else:
-            logger.warning('optimizer.fused ignored: the parameters are not on CUDA')
+            logger.warning('optimizer.fused ignored: the parameters are neither all on CUDA '
+                           'nor all on the CPU')
     kwargs.update(lr=lr, betas=(0.9, 0.999), eps=1e-8, amsgrad=False)
     if sharding == 'zero':
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

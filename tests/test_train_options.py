@@ -8,7 +8,6 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from engine import autocast_context, train_one_epoch
-from optim import create_optimizer
 from tests.test_distributed import torchrun
 from tests.test_engine import RecordingScheduler, make_model, toy_losses
 from tests.test_fast_train import inputs, plain_and_fast, step
@@ -181,26 +180,3 @@ def test_zero_sharded_adamw_matches_adamw_on_two_ranks():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for rank in (0, 1):
         assert f'rank {rank}: zero ok' in result.stdout
-
-
-def test_fused_adamw_only_on_cuda():
-    opt = create_optimizer({'opt': 'adamW', 'lr': 1e-3, 'weight_decay': 0.0, 'fused': True},
-                           make_model())
-    assert bool(opt.defaults.get('fused')) == torch.cuda.is_available()
-
-
-def test_pretrain_script_with_accumulation_and_checkpointing(tmp_path):
-    import Pretrain
-    from dataset.synthetic import generate
-    from tests.tiny import tiny_config
-    generate(tmp_path, seed=0, size='tiny')
-    path = tmp_path / 'pretrain.yaml'
-    tiny_config('Pretrain.yaml', tmp_path, path, batch_size=4, queue_size=16, accum_steps=2,
-                grad_checkpointing=True, schedular=dict(epochs=1, warmup_epochs=1))
-    stats = Pretrain.main(['--config', str(path), '--output_dir', str(tmp_path / 'out'),
-                           '--device', 'cpu'])
-    assert all(torch.isfinite(torch.tensor(float(stats[k]))) for k in ('loss_mlm', 'loss_ita', 'loss_itm'))
-    checkpoint = torch.load(tmp_path / 'out' / 'checkpoint_00.pth', weights_only=False)
-    steps = {float(s['step']) for s in checkpoint['optimizer']['state'].values()}
-    assert steps == {3.0}  # 6 batches of 4, 2 per optimiser step
-    assert int(checkpoint['model']['queue_ptr']) == (6 * 4) % 16  # the queue takes every batch
