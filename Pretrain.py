@@ -26,8 +26,8 @@ from engine import train_one_epoch
 from models.checkpoint import load_checkpoint
 from models.model_pretrain import ALBEF
 from models.tokenization_bert import BertTokenizer
-from optim import create_optimizer
 from scheduler import create_scheduler
+from train_options import build_optimizer, configure_model
 
 logger = logging.getLogger('albef.pretrain')
 
@@ -71,7 +71,8 @@ def main(argv=None):
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
     model = ALBEF(config=config, text_encoder=config['text_encoder'], tokenizer=tokenizer,
                   init_deit=config['init_deit']).to(device)
-    optimizer = create_optimizer(config['optimizer'], model)
+    configure_model(model, config)  # grad_checkpointing, compile
+    optimizer = build_optimizer(config, model)  # optimizer_sharding
     lr_scheduler = create_scheduler(config['schedular'], optimizer)
 
     run = resume.TrainingRun(args.output_dir, config, model, optimizer, lr_scheduler, data_loader,

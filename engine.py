@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from train_options import accum_steps as get_accum_steps
 from utils import MetricLogger, SmoothedValue, all_gather_objects
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,11 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, epoch, device, 
     100 * schedular.warmup_epochs. The scripts step the scheduler per epoch (and call the
     sampler's set_epoch) themselves.
 
+    With config `accum_steps` N > 1, N consecutive batches make one optimiser step (global batch
+    batch_size * world * N); `warmup_steps` then counts optimiser steps, the alpha ramp still
+    follows the fraction of the epoch, and the momentum encoders move once per optimiser step.
+    The feature queues advance by every micro-batch.
+
     Returns {name: average}, formatted with `stats_fmt` as the original's log.txt ('{:.3f}'
     strings; NLVR and VE used '{:.4f}'); stats_fmt=None gives floats.
 
@@ -50,14 +56,21 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, epoch, device, 
     num_batches = start_step + len(data_loader)
     alpha_max = config.get('alpha')  # None for tasks without distillation (TA pre-training)
     precision = config.get('precision', 'fp32')
+    accum_steps = get_accum_steps(config)
 
     for i, batch in enumerate(metric_logger.log_every(data_loader, print_freq, header), start_step):
         alpha = alpha_max
         if epoch == 0 and warm_up and alpha_max is not None:
             alpha = alpha_max * min(1, i / num_batches)
 
-        optimizer.zero_grad()
-        with autocast_context(precision, device):
+        # Gradient accumulation: optimiser step `step` sums the gradients of `group` micro-batches
+        # (fewer in a last, incomplete group), each loss scaled by 1/group.
+        step, micro = divmod(i, accum_steps)
+        group = min(accum_steps, num_batches - step * accum_steps)
+        if micro == 0:
+            optimizer.zero_grad()
+        with micro_step(model, first=micro == 0, last=micro == group - 1), \
+                autocast_context(precision, device):
             losses = train_step(model, batch, alpha)
         if not isinstance(losses, dict) or not losses:
             raise TypeError(f'train_step must return a non-empty dict of named losses, got {losses!r}')
@@ -74,23 +87,43 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, epoch, device, 
                 note = hooks.failure_note() if hooks is not None else ''
                 raise FloatingPointError(f'non-finite loss in epoch {epoch}, iteration {i}: {detail}{note}')
         else:
-            loss.backward()
-            optimizer.step()
+            (loss / group).backward()
+            if micro == group - 1:
+                optimizer.step()
             for name in values:
                 if name not in metric_logger.meters:
                     metric_logger.add_meter(name, SmoothedValue(window_size=50, fmt='{value:.4f}'))
             metric_logger.update(lr=optimizer.param_groups[0]['lr'], **values)
 
-        # NOTE(faithful): warm-up is stepped after the optimiser step, every 100 iterations,
-        # so iterations 0..100 run at warmup_lr.
-        if epoch == 0 and i % WARMUP_STEP_SIZE == 0 and i <= warmup_steps:
-            lr_scheduler.step(i // WARMUP_STEP_SIZE)
-        if hooks is not None:
+        # NOTE(faithful): warm-up is stepped after the optimiser step, every 100 steps, so steps
+        # 0..100 run at warmup_lr (steps = iterations without accumulation).
+        if micro == group - 1 and epoch == 0 and step % WARMUP_STEP_SIZE == 0 and step <= warmup_steps:
+            lr_scheduler.step(step // WARMUP_STEP_SIZE)
+        # Step checkpoints only between optimiser steps (no half-accumulated gradients are lost).
+        if hooks is not None and micro == group - 1:
             hooks.step_done(epoch, i + 1)
 
     metric_logger.synchronize_between_processes()
     logger.info('Averaged stats: %s', metric_logger.global_avg())
     return metric_logger.global_avg(stats_fmt)
+
+
+@contextlib.contextmanager
+def micro_step(model, first, last):
+    """The forward of one micro-batch of an accumulated step: DDP all-reduces the gradients
+    only in the backward of the last (no_sync is read at forward time), and the momentum
+    encoders (modules with `momentum_updates`) move only on the first, i.e. once per optimiser
+    step as without accumulation."""
+    modules = [m for m in model.modules() if hasattr(m, 'momentum_updates')]
+    for m in modules:
+        m.momentum_updates = first
+    sync = contextlib.nullcontext() if last or not hasattr(model, 'no_sync') else model.no_sync()
+    try:
+        with sync:
+            yield
+    finally:
+        for m in modules:
+            m.momentum_updates = True
 
 
 @torch.no_grad()

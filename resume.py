@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker
 
 import utils
 from models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from optim import optimizer_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -360,9 +361,10 @@ class TrainingRun:
         # 'epoch' keeps the released meaning at an epoch end; in a step checkpoint it is the
         # running epoch. Resuming reads the position from 'resume'.
         rng = utils.all_gather_objects(rng_state())
+        optimizer_state = optimizer_state_dict(self.optimizer)  # every rank: ZeRO gathers shards
         if utils.is_main_process():
             model = getattr(self.model, 'module', self.model)
-            state = {'model': model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+            state = {'model': model.state_dict(), 'optimizer': optimizer_state,
                      'lr_scheduler': self.lr_scheduler.state_dict(), 'config': self.config,
                      'epoch': epoch,
                      'resume': {'epoch': next_position[0], 'step': next_position[1],

@@ -51,6 +51,12 @@ def sample_negatives(weights):
     return torch.stack([torch.multinomial(w, 1)[0] for w in weights])
 
 
+def sample_negatives_batched(weights):
+    """One index per row of `weights` (B, B) in a single call: the same distribution as
+    `sample_negatives`, no per-row launch or host sync, a different random stream."""
+    return torch.multinomial(weights, 1).squeeze(1)
+
+
 def mask_tokens(input_ids, vocab_size, tokenizer, mlm_probability, targets=None,
                 masked_indices=None, probability_matrix=None):
     """BERT masking (80% [MASK], 10% random token, 10% unchanged) of a copy of `input_ids`.
@@ -82,9 +88,17 @@ def mask_tokens(input_ids, vocab_size, tokenizer, mlm_probability, targets=None,
 
 
 class ALBEFBase(nn.Module):
-    """Momentum-pair bookkeeping and the ViT builder for the ALBEF model classes."""
+    """Momentum-pair bookkeeping and the ViT builder for the ALBEF model classes.
+
+    `fast_train` (config key, set by the models that have a fast training path) selects the
+    faster computation of the same losses; False keeps the original's operations and random
+    stream. `momentum_updates` = False skips the EMA step (gradient accumulation: the teacher
+    moves once per optimiser step, not once per micro-batch).
+    """
 
     model_pairs: list
+    fast_train = False
+    momentum_updates = True
 
     @staticmethod
     def build_visual_encoder(config):
@@ -102,14 +116,28 @@ class ALBEFBase(nn.Module):
 
     @torch.no_grad()
     def _momentum_update(self):
+        if not self.momentum_updates:
+            return
+        if self.fast_train:
+            # In place, a few fused kernels over all tensors; equal up to float rounding.
+            params, params_m = zip(*self.momentum_parameter_pairs())
+            torch._foreach_mul_(params_m, self.momentum)
+            torch._foreach_add_(params_m, params, alpha=1.0 - self.momentum)
+            return
         # NOTE(faithful): p_m * m + p * (1 - m) as two products and a sum (not lerp).
         for param, param_m in self.momentum_parameter_pairs():
             param_m.data = param_m.data * self.momentum + param.data * (1.0 - self.momentum)
 
     def itc_similarities(self, image_feat, text_feat, image_feat_m, text_feat_m):
         """Online rows against [batch momentum features | queue] columns, and the teacher's."""
-        image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
-        text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+        if self.fast_train:
+            # One copy of each queue, not two: the concatenation is already a snapshot that the
+            # in-place enqueue cannot touch before backward.
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue], dim=1)
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue], dim=1)
+        else:
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
         sim_i2t = image_feat @ text_feat_all / self.temp  # (B, B + Q)
         sim_t2i = text_feat @ image_feat_all / self.temp
         with torch.no_grad():

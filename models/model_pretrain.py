@@ -6,9 +6,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.albef_base import (ALBEFBase, build_text_model, hard_negative_batch, itc_loss,
-                               load_bert_config, mask_tokens, sample_negatives)
+                               load_bert_config, mask_tokens, sample_negatives,
+                               sample_negatives_batched)
 from models.pretrained import load_deit_weights
-from models.xbert import BertForMaskedLM
+from models.xbert import BertForMaskedLM, masked_lm_loss
 
 
 class ALBEF(ALBEFBase):
@@ -19,6 +20,7 @@ class ALBEF(ALBEFBase):
         embed_dim = config['embed_dim']
         self.queue_size = config['queue_size']
         self.momentum = config['momentum']
+        self.fast_train = config.get('fast_train', True)
 
         self.visual_encoder = self.build_visual_encoder(config)
         if init_deit:
@@ -44,7 +46,10 @@ class ALBEF(ALBEFBase):
         self.copy_params()
         self.register_queues(embed_dim, self.queue_size)
 
-    def forward(self, image, text, alpha=0):
+    def forward(self, image, text, alpha=0, neg_img_idx=None, neg_txt_idx=None, masked_ids=None,
+                mlm_labels=None):
+        """(loss_mlm, loss_ita, loss_itm). The random choices (hard-negative indices, MLM
+        masking) are drawn here unless given (tests compare the two paths on equal draws)."""
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         image_embeds, image_feat, text_embeds, text_feat = self.encode(image, text)
@@ -52,9 +57,15 @@ class ALBEF(ALBEFBase):
         loss_ita, sim_i2t, sim_t2i = self.forward_itc(image_feat, text_feat, image_feat_m,
                                                       text_feat_m, alpha)
         self._dequeue_and_enqueue(image_feat_m, text_feat_m)
-        loss_itm = self.forward_itm(image_embeds, text_embeds, text.attention_mask, sim_i2t, sim_t2i)
+        if self.fast_train:
+            loss_itm, loss_mlm = self.forward_itm_mlm_fast(
+                image_embeds, image_embeds_m, text_embeds, text, sim_i2t, sim_t2i, alpha,
+                neg_img_idx, neg_txt_idx, masked_ids, mlm_labels)
+            return loss_mlm, loss_ita, loss_itm
+        loss_itm = self.forward_itm(image_embeds, text_embeds, text.attention_mask, sim_i2t, sim_t2i,
+                                    neg_img_idx=neg_img_idx, neg_txt_idx=neg_txt_idx)
         loss_mlm = self.forward_mlm(text.input_ids, text.attention_mask, image_embeds,
-                                    image_embeds_m, alpha)
+                                    image_embeds_m, alpha, masked_ids=masked_ids, labels=mlm_labels)
         return loss_mlm, loss_ita, loss_itm
 
     def encode(self, image, text):
@@ -148,3 +159,51 @@ class ALBEF(ALBEFBase):
                                        labels=labels, soft_labels=F.softmax(logits_m, dim=-1),
                                        alpha=alpha)
         return mlm_output.loss
+
+    def forward_itm_mlm_fast(self, image_embeds, image_embeds_m, text_embeds, text, sim_i2t,
+                             sim_t2i, alpha, neg_img_idx=None, neg_txt_idx=None, masked_ids=None,
+                             labels=None):
+        """(loss_itm, loss_mlm) of `forward_itm` + `forward_mlm`, computed faster.
+
+        Every fusion row (ITM positive, ITM negative, MLM) attends to one of the batch's B
+        images, so each fusion layer projects the B images to keys/values once and the 4B rows
+        index into them, in one fusion call; gradients reach the image encoder through these
+        shared keys/values. Negatives are drawn for the whole batch at once; the MLM head runs
+        only on the predicted tokens (the only ones either loss reads).
+        """
+        bs = image_embeds.size(0)
+        atts = text.attention_mask
+        if neg_img_idx is None or neg_txt_idx is None:
+            weights_i2t, weights_t2i = self.negative_weights(sim_i2t, sim_t2i)
+            neg_img_idx = sample_negatives_batched(weights_t2i)  # texts first, as the plain path
+            neg_txt_idx = sample_negatives_batched(weights_i2t)
+        if masked_ids is None:
+            masked_ids, labels = self.mask(text.input_ids, self.text_encoder.config.vocab_size,
+                                           image_embeds.device, targets=text.input_ids.clone())
+        bert = self.text_encoder.bert
+        mlm_embeds = bert(masked_ids, attention_mask=atts, return_dict=True,
+                          mode='text').last_hidden_state
+        rows = torch.arange(bs, device=image_embeds.device)
+        # Rows: B positives, the 2B negatives in hard_negative_batch's order, B MLM captions.
+        text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_txt_idx], mlm_embeds])
+        atts_all = torch.cat([atts, atts, atts[neg_txt_idx], atts])
+        image_of_row = torch.cat([rows, neg_img_idx, rows, rows])  # (4B,)
+        key_values = bert.image_key_values(image_embeds).select(image_of_row)
+        hidden = bert(encoder_embeds=text_all, attention_mask=atts_all,
+                      encoder_hidden_states=key_values, return_dict=True,
+                      mode='fusion').last_hidden_state  # (4B, L, D)
+
+        vl_output = self.itm_head(hidden[:3 * bs, 0])
+        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long),
+                                torch.zeros(2 * bs, dtype=torch.long)]).to(image_embeds.device)
+        loss_itm = F.cross_entropy(vl_output, itm_labels)
+
+        predicted = labels != -100  # (B, L)
+        with torch.no_grad():
+            hidden_m = self.text_encoder_m.bert(masked_ids, attention_mask=atts,
+                                                encoder_hidden_states=image_embeds_m,
+                                                return_dict=True).last_hidden_state
+            soft_labels = F.softmax(self.text_encoder_m.cls(hidden_m[predicted]), dim=-1)
+        logits = self.text_encoder.cls(hidden[3 * bs:][predicted])  # (M, V)
+        loss_mlm = masked_lm_loss(logits, labels[predicted], soft_labels, alpha)
+        return loss_itm, loss_mlm

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.albef_base import (ALBEFBase, build_text_model, hard_negative_batch, itc_loss,
-                               load_bert_config, sample_negatives)
+                               load_bert_config, sample_negatives, sample_negatives_batched)
 from models.xbert import BertModel
 
 
@@ -30,6 +30,7 @@ class ALBEF(ALBEFBase):
         embed_dim = config['embed_dim']
         self.queue_size = config['queue_size']
         self.momentum = config['momentum']
+        self.fast_train = config.get('fast_train', True)
 
         self.visual_encoder = self.build_visual_encoder(config)
         vision_width = self.visual_encoder.embed_dim
@@ -54,7 +55,8 @@ class ALBEF(ALBEFBase):
         self.copy_params()
         self.register_queues(embed_dim, self.queue_size, with_idx=True)
 
-    def forward(self, image, text, alpha, idx):
+    def forward(self, image, text, alpha, idx, neg_img_idx=None, neg_txt_idx=None):
+        """(loss_ita, loss_itm); the hard negatives are drawn here unless given (tests)."""
         # NOTE(faithful): unlike pre-training, `temp` is not clamped here.
         image_embeds, image_feat, text_embeds, text_feat = self.encode(image, text)
         image_feat_m, text_feat_m = self.momentum_features(image, text)
@@ -62,7 +64,7 @@ class ALBEF(ALBEFBase):
                                                       text_feat_m, idx, alpha)
         self._dequeue_and_enqueue(image_feat_m, text_feat_m, idx.view(-1, 1))
         loss_itm = self.forward_itm(image_embeds, text_embeds, text.attention_mask, idx,
-                                    sim_i2t, sim_t2i)
+                                    sim_i2t, sim_t2i, neg_img_idx, neg_txt_idx)
         return loss_ita, loss_itm
 
     def image_features(self, image_embeds, momentum=False):
@@ -137,7 +139,21 @@ class ALBEF(ALBEFBase):
         return weights_i2t, weights_t2i
 
     def itm_logits(self, image_embeds, text_embeds, text_atts, neg_img_idx, neg_txt_idx):
-        """ITM logits (3B, 2): B positives, then the 2B negatives of `hard_negative_batch`."""
+        """ITM logits (3B, 2): B positives, then the 2B negatives of `hard_negative_batch`.
+
+        Fast path: one fusion call over the 3B rows, each fusion layer projecting the B images
+        to keys/values once and every row indexing its image (gradients flow back through the
+        shared keys/values)."""
+        if self.fast_train:
+            rows = torch.arange(image_embeds.size(0), device=image_embeds.device)
+            key_values = self.text_encoder.image_key_values(image_embeds).select(
+                torch.cat([rows, neg_img_idx, rows]))
+            hidden = self.text_encoder(
+                encoder_embeds=torch.cat([text_embeds, text_embeds, text_embeds[neg_txt_idx]]),
+                attention_mask=torch.cat([text_atts, text_atts, text_atts[neg_txt_idx]]),
+                encoder_hidden_states=key_values, return_dict=True,
+                mode='fusion').last_hidden_state
+            return self.itm_head(hidden[:, 0])
         pos = self.fusion(text_embeds, text_atts, image_embeds)[:, 0]
         neg = self.fusion(*hard_negative_batch(text_embeds, text_atts, image_embeds,
                                                neg_img_idx, neg_txt_idx))[:, 0]
@@ -152,8 +168,9 @@ class ALBEF(ALBEFBase):
         bs = image_embeds.size(0)
         if neg_img_idx is None or neg_txt_idx is None:
             weights_i2t, weights_t2i = self.negative_weights(sim_i2t, sim_t2i, idx)
-            neg_img_idx = sample_negatives(weights_t2i)  # NOTE(faithful): texts first
-            neg_txt_idx = sample_negatives(weights_i2t)
+            sample = sample_negatives_batched if self.fast_train else sample_negatives
+            neg_img_idx = sample(weights_t2i)  # NOTE(faithful): texts first
+            neg_txt_idx = sample(weights_i2t)
         logits = self.itm_logits(image_embeds, text_embeds, text_atts, neg_img_idx, neg_txt_idx)
         itm_labels = torch.cat([torch.ones(bs, dtype=torch.long),
                                 torch.zeros(2 * bs, dtype=torch.long)]).to(image_embeds.device)

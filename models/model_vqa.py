@@ -29,6 +29,7 @@ class ALBEF(ALBEFBase):
         self.distill = config['distill']
         # NOTE(faithful): the original hard-codes 0.995 for the fine-tuning tasks.
         self.momentum = config.get('momentum', 0.995)
+        self.fast_train = config.get('fast_train', True)
         bert_config = load_bert_config(config)
         config_decoder = decoder_config(bert_config)
 
@@ -74,7 +75,7 @@ class ALBEF(ALBEFBase):
     def answer_loss(self, image, question, question_states, answer, k, alpha=0):
         """Per-answer loss (A,): summed NLL, distilled from the momentum decoder if enabled."""
         counts = torch.as_tensor(k, device=question_states.device)
-        states = question_states.repeat_interleave(counts, dim=0)  # (A, Lq, D)
+        states = self.answer_conditioning(self.text_decoder, question_states, counts)
         atts = question.attention_mask.repeat_interleave(counts, dim=0)
         soft_labels = None
         if self.distill:
@@ -84,6 +85,15 @@ class ALBEF(ALBEFBase):
                                  labels=self.answer_targets(answer.input_ids),
                                  soft_labels=soft_labels, alpha=alpha, reduction='none').loss
 
+    def answer_conditioning(self, decoder, question_states, counts):
+        """What each of the A answers cross-attends to: its question's states (A, Lq, D), or
+        on the fast path the decoder's keys/values projected once per question and indexed
+        per answer (equal up to float rounding; gradients flow through the shared ones)."""
+        if not self.fast_train:
+            return question_states.repeat_interleave(counts, dim=0)
+        owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+        return decoder.bert.image_key_values(question_states).select(owner)
+
     @torch.no_grad()
     def teacher_logits(self, image, question, answer, counts):
         """The momentum decoder's next-token logits (A, La - 1, V), after one EMA step."""
@@ -91,7 +101,8 @@ class ALBEF(ALBEFBase):
         self._momentum_update()
         states_m = self.encode_question(image, question, self.visual_encoder_m, self.text_encoder_m)
         return self.text_decoder_m(answer.input_ids, attention_mask=answer.attention_mask,
-                                   encoder_hidden_states=states_m.repeat_interleave(counts, dim=0),
+                                   encoder_hidden_states=self.answer_conditioning(
+                                       self.text_decoder_m, states_m, counts),
                                    encoder_attention_mask=question.attention_mask.repeat_interleave(
                                        counts, dim=0),
                                    return_logits=True)

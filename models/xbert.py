@@ -11,6 +11,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import Optional
 
 import torch
@@ -118,6 +119,8 @@ class ImageKeyValues:
         return ImageKeyValues(self.per_layer, index)
 
     def layer(self, i):
+        """(keys, values) of fusion layer i for every text: gathered here, so a caller that
+        defers this call (see BertEncoder) keeps only the per-image tensors alive."""
         keys, values = self.per_layer[i]
         if self.index is None:
             return keys, values
@@ -189,7 +192,9 @@ class BertSelfAttention(AttentionRecorder, nn.Module):
         else:
             source, mask = hidden_states, attention_mask
         q = self.split_heads(self.query(hidden_states))
-        # A (keys, values) tuple comes precomputed from BertModel.image_key_values.
+        # Precomputed (keys, values) from BertModel.image_key_values, possibly deferred.
+        if callable(source):
+            source = source()
         k, v = source if isinstance(source, tuple) else self.key_values(source)
         if mask is not None:
             mask = mask.to(q.dtype)
@@ -302,7 +307,9 @@ class BertEncoder(nn.Module):
                 which = (i - self.config.fusion_layer) % len(encoder_hidden_states)
                 image_states, image_mask = encoder_hidden_states[which], encoder_attention_mask[which]
             elif isinstance(encoder_hidden_states, ImageKeyValues):
-                image_states = encoder_hidden_states.layer(i) if layer.has_cross_attention else None
+                # Deferred: the per-text gather then happens inside a checkpointed layer too.
+                image_states = (partial(encoder_hidden_states.layer, i)
+                                if layer.has_cross_attention else None)
             args = (hidden_states, attention_mask, image_states, image_mask)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden_states = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
@@ -458,6 +465,20 @@ class _BertWithLMHead(BertPreTrainedModel):
         return self.cls.predictions.decoder
 
 
+def masked_lm_loss(logits, labels, soft_labels=None, alpha=0):
+    """Cross-entropy over the predicted tokens (labels != -100), mixed with the distillation
+    loss -sum(soft_labels * log_softmax(logits)) averaged over the same tokens (spec 2.7).
+    logits (..., V), labels (...): all positions, or only the predicted ones."""
+    logits = logits.reshape(-1, logits.size(-1))
+    labels = labels.reshape(-1)
+    loss = F.cross_entropy(logits, labels)
+    if soft_labels is not None:
+        distill = -(F.log_softmax(logits, dim=-1) * soft_labels.reshape(logits.shape)).sum(dim=-1)
+        distill = distill[labels != -100].mean()
+        loss = (1 - alpha) * loss + alpha * distill
+    return loss
+
+
 class BertForMaskedLM(_BertWithLMHead):
     """BERT + MLM head; the loss can mix in momentum-distilled soft labels (spec 2.7)."""
 
@@ -476,13 +497,7 @@ class BertForMaskedLM(_BertWithLMHead):
         logits = self.cls(outputs.last_hidden_state)  # (B, L, V)
         if return_logits:
             return logits
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1))
-            if soft_labels is not None:
-                distill = -(F.log_softmax(logits, dim=-1) * soft_labels).sum(dim=-1)  # (B, L)
-                distill = distill[labels != -100].mean()
-                loss = (1 - alpha) * loss + alpha * distill
+        loss = masked_lm_loss(logits, labels, soft_labels, alpha) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, last_hidden_state=outputs.last_hidden_state)
 
 

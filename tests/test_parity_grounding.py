@@ -31,7 +31,9 @@ def fixture():
 @pytest.fixture(scope='module')
 def model(fixture):
     config, checkpoint, _, _ = fixture
-    model = ALBEF(config=config, text_encoder=None, tokenizer=STUB_TOKENIZER)
+    # The plain training path (fast_train is tested against it in test_fast_train.py).
+    model = ALBEF(config={**config, 'fast_train': False}, text_encoder=None,
+                  tokenizer=STUB_TOKENIZER)
     load_checkpoint(model, checkpoint, kind='retrieval')
     return model.eval()
 

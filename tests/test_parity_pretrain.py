@@ -17,7 +17,9 @@ def fixture():
 
 def build(fixture):
     config, checkpoint, _, _ = fixture
-    model = ALBEF(config=config, text_encoder=None, tokenizer=STUB_TOKENIZER, init_deit=False)
+    # The plain path: the seeded probes replay the original's random stream.
+    model = ALBEF(config={**config, 'fast_train': False}, text_encoder=None,
+                  tokenizer=STUB_TOKENIZER, init_deit=False)
     load_checkpoint(model, checkpoint, kind='pretrain')
     return model.eval()
 
