@@ -88,6 +88,7 @@ KEYS = {
     'warm_up': FLAG, 'k_test': POSITIVE_INT, 'fast_eval': FLAG, 'eval_ema': FLAG,
     'print_freq': POSITIVE_INT,
     'optimizer': Key((dict,)), 'schedular': Key((dict,)),
+    'augment': Key((dict,), 'training augmentation overrides: crop_scale, hflip, randaugment'),
     # speed options
     'fast_train': FLAG, 'precision': Key((str,), choices=('fp32', 'bf16')),
     'grad_checkpointing': FLAG, 'compile': FLAG, 'accum_steps': POSITIVE_INT,
@@ -102,7 +103,12 @@ KEYS = {
     'skip_nonfinite_steps': Key((int,), 'steps with a NaN/inf loss skipped before stopping',
                                 low=0, default=0),
 }
-SECTIONS = {'optimizer': OPTIMIZER, 'schedular': SCHEDULE}
+AUGMENT = {  # training augmentation; each absent key keeps the original recipe
+    'crop_scale': Key((list,), 'RandomResizedCrop area range [low, high]', items=float),
+    'hflip': FLAG,
+    'randaugment': FLAG,
+}
+SECTIONS = {'optimizer': OPTIMIZER, 'schedular': SCHEDULE, 'augment': AUGMENT}
 
 _COMMON = ('train_file', 'bert_config', 'tokenizer', 'image_res', 'optimizer', 'schedular')
 REQUIRED = {
@@ -198,6 +204,10 @@ def validate(config, task, world_size=1, source='config'):
         errors.append(f'image_res = {res} is not divisible by patch_size = {patch}: the ViT '
                       f'needs a whole number of patches (allowed: multiples of {patch}, e.g. '
                       f'{max(patch, res - res % patch)} or {res - res % patch + patch})')
+    scale = config.get('augment', {}).get('crop_scale')
+    if scale is not None and not (len(scale) == 2 and 0.0 < scale[0] <= scale[1] <= 1.0):
+        errors.append(f'augment.crop_scale = {scale!r}: expected [low, high] with '
+                      f'0 < low <= high <= 1 (fractions of the image area)')
     batch_key = QUEUE_BATCH.get(task)
     if batch_key and config.get('queue_size') is not None:
         global_batch = config[batch_key] * world_size

@@ -33,7 +33,7 @@ def _evaluation(dataset):
 
 
 def _pretrain(config):
-    transform = create_transform('pretrain', config['image_res'])
+    transform = create_transform('pretrain', config['image_res'], config.get('augment'))
     return _train(_pretrain_dataset(config['train_file'], transform,
                                     max_words=config.get('max_words', 30),
                                     image_root=config.get('image_root', ''),
@@ -41,7 +41,8 @@ def _pretrain(config):
 
 
 def _train_and_test_transforms(config, train_kind='train'):
-    return create_transform(train_kind, config['image_res']), create_transform('test', config['image_res'])
+    return (create_transform(train_kind, config['image_res'], config.get('augment')),
+            create_transform('test', config['image_res']))
 
 
 def _re(config):

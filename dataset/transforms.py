@@ -13,13 +13,17 @@ _CROP_SCALE = {'pretrain': (0.2, 1.0), 'train': (0.5, 1.0)}
 KINDS = ('pretrain', 'train', 'grounding_train', 'test')
 
 
-def create_transform(kind, image_res):
+def create_transform(kind, image_res, augment=None):
     """`kind`: 'pretrain', 'train' (retrieval, VQA, NLVR, VE), 'grounding_train' or 'test'.
+    `augment` (the config's optional `augment` section) overrides the training augmentation:
+    `crop_scale` [low, high] of RandomResizedCrop, `hflip` and `randaugment` on/off; absent keys
+    keep the original recipe. Test transforms ignore it.
 
     Takes an RGB PIL image, returns a normalised float tensor (3, image_res, image_res).
     """
     if kind not in KINDS:
         raise ValueError(f'unknown transform kind {kind!r}; expected one of {KINDS}')
+    augment = augment or {}
     bicubic = InterpolationMode.BICUBIC
     tail = [transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)]
     if kind == 'test':
@@ -31,10 +35,11 @@ def create_transform(kind, image_res):
         # referred object stays in the image.
         geometry = transforms.Resize((image_res, image_res), interpolation=bicubic)
     else:
-        geometry = transforms.RandomResizedCrop(image_res, scale=_CROP_SCALE[kind],
-                                                interpolation=bicubic)
-    return transforms.Compose([
-        geometry,
-        transforms.RandomHorizontalFlip(),
-        RandomAugment(2, 7, isPIL=True, augs=ALBEF_AUGS),
-    ] + tail)
+        scale = tuple(augment.get('crop_scale', _CROP_SCALE[kind]))
+        geometry = transforms.RandomResizedCrop(image_res, scale=scale, interpolation=bicubic)
+    steps = [geometry]
+    if augment.get('hflip', True):
+        steps.append(transforms.RandomHorizontalFlip())
+    if augment.get('randaugment', True):
+        steps.append(RandomAugment(2, 7, isPIL=True, augs=ALBEF_AUGS))
+    return transforms.Compose(steps + tail)

@@ -242,6 +242,23 @@ def test_train_transforms(kind, scale):
     assert out.shape == (3, 24, 24) and out.dtype == torch.float32
 
 
+def test_augment_section_overrides_the_training_recipe_only():
+    light = {'crop_scale': [0.8, 1.0], 'hflip': False, 'randaugment': False}
+    transform = create_transform('pretrain', 24, light)
+    assert len(transform.transforms) == 3  # crop, ToTensor, Normalize
+    assert transform.transforms[0].scale == (0.8, 1.0)
+    kept = create_transform('train', 24, {'randaugment': False})
+    assert kept.transforms[0].scale == (0.5, 1.0) and kept.transforms[1].p == 0.5
+    assert not any(isinstance(t, ra.RandomAugment) for t in kept.transforms)
+    assert len(create_transform('test', 24, light).transforms) == 3  # resize, ToTensor, Normalize
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 255, (24, 24, 3), dtype=np.uint8))
+    # crop scale 1 with the image's own aspect ratio and size: the identity geometry
+    exact = create_transform('pretrain', 24, {'crop_scale': [1.0, 1.0], 'hflip': False,
+                                              'randaugment': False})
+    exact.transforms[0].ratio = (1.0, 1.0)
+    assert torch.allclose(exact(img), create_transform('test', 24)(img), atol=1e-6)
+
+
 def test_grounding_transform_resizes_without_crop():
     transform = create_transform('grounding_train', 20)
     assert transform.transforms[0].size == (20, 20)

@@ -330,6 +330,9 @@ def paper_config():
     (dict(train_file=[]), r'train_file = \[\]: expected str or list of str'),
     (dict(image_res=250), r'image_res = 250 is not divisible by patch_size = 16.*240 or 256'),
     (dict(batch_size=48), r'queue_size = 65536 is not divisible by the global batch.*48 x 8 = 384'),
+    (dict(augment={'crop_scal': [0.5, 1.0]}), r"unknown key 'augment.crop_scal'; did you mean 'crop_scale'"),
+    (dict(augment={'crop_scale': [0.9, 0.5]}), r'augment.crop_scale = \[0.9, 0.5\]: expected \[low, high\]'),
+    (dict(augment={'hflip': 'no'}), r"augment.hflip = 'no' \(str\): expected bool"),
 ])
 def test_config_errors_name_the_key_and_what_is_allowed(change, message):
     config = {**paper_config(), **change}
