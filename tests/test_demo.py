@@ -33,8 +33,14 @@ def workdir(tmp_path_factory):
         'Grounding.yaml': dict(batch_size=4, queue_size=16, **one_epoch),
     }
     for name, changes in settings.items():
-        tiny_config(name, data, configs / name, **changes)
+        tiny_config(name, data, configs / name, unimodal_init=True, **changes)
     return work
+
+
+@pytest.fixture(autouse=True)
+def short_unimodal_init(monkeypatch):
+    monkeypatch.setattr(demo, 'UNIMODAL_INIT', ['--vit_epochs', '1', '--bert_steps', '4',
+                                                '--batch_size', '8'])
 
 
 def test_demo_runs_every_stage_then_skips_them(workdir, tmp_path, capsys):
@@ -53,7 +59,7 @@ def test_demo_runs_every_stage_then_skips_them(workdir, tmp_path, capsys):
     overlays = results['report']['gradcam']
     assert overlays and all((tmp_path / o / '00_average.png').is_file() for o in overlays)
     log = capsys.readouterr().out
-    assert '[demo] stage 2/9 pretrain' in log and 'ETA' in log
+    assert '[demo] stage 3/10 pretrain' in log and 'ETA' in log
 
     table = demo.results_table(results)
     assert all(task in table for task in demo.TASKS)
@@ -66,10 +72,10 @@ def test_demo_runs_every_stage_then_skips_them(workdir, tmp_path, capsys):
 
 def test_demo_continues_after_a_lost_stage(workdir, tmp_path):
     out = tmp_path / 'demo'
-    demo.run(out, 'cpu', workdir=workdir, stages=['data', 'pretrain', 've'])
+    demo.run(out, 'cpu', workdir=workdir, stages=['data', 'init', 'pretrain', 've'])
     first = json.loads((out / 'stages' / 've.json').read_text())
     (out / 'stages' / 've.json').unlink()  # as if the run was killed during VE
-    again = demo.run(out, 'cpu', workdir=workdir, stages=['data', 'pretrain', 've'])
+    again = demo.run(out, 'cpu', workdir=workdir, stages=['data', 'init', 'pretrain', 've'])
     assert again['ve']['value'] == first['value']  # same checkpoint, same seed
     assert again['pretrain']['seconds'] == json.loads(
         (out / 'stages' / 'pretrain.json').read_text())['seconds']  # not re-run

@@ -366,7 +366,7 @@ def test_defaults_can_be_overridden_and_pretrain_stops_before_any_work(tmp_path)
 
 def _config_with(tmp_path, **extra):
     config = utils.load_config(ROOT / 'configs/tiny/Pretrain.yaml')
-    config.update(extra)
+    config.update(init_deit=False, text_encoder=None, **extra)
     path = tmp_path / 'bad.yaml'
     utils.save_config(config, path)
     return path

@@ -21,9 +21,13 @@ def write_tiny_bert(folder):
     return path
 
 
-def tiny_config(template, data_dir, path, **changes):
-    """configs/tiny/<template> pointed at `data_dir` with the tiny model; saved to `path`."""
+def tiny_config(template, data_dir, path, unimodal_init=False, **changes):
+    """configs/tiny/<template> pointed at `data_dir` with the tiny model; saved to `path`.
+    Random initial weights unless `unimodal_init` (then tools/unimodal_init.py must have written
+    `data_dir/init`)."""
     config = load_config(ROOT / 'configs/tiny' / template)
+    if not unimodal_init and 'init_deit' in config:
+        config.update(init_deit=False, text_encoder=None)
     for key, value in config.items():
         if isinstance(value, str) and value.startswith('data/synthetic'):
             config[key] = value.replace('data/synthetic', str(data_dir), 1)

@@ -83,6 +83,13 @@ class ViTClassifier(nn.Module):
         return {**self.vit.state_dict(), **{f'head.{k}': v for k, v in self.head.state_dict().items()}}
 
 
+def chance_recall(records):
+    """The expected object recall of a random ranking of the labels: count / len(LABELS)."""
+    counts = [int(object_labels(r['caption'] if isinstance(r['caption'], list) else [r['caption']]).sum())
+              for r in records]
+    return sum(c * c / len(LABELS) for c in counts) / max(1, sum(counts))
+
+
 def read_records(path):
     with open(path) as f:
         return json.load(f)
@@ -91,7 +98,8 @@ def read_records(path):
 def train_vit(config, train_records, test_records, image_root, epochs, lr, batch_size, device):
     transform = create_transform('test', config['image_res'])  # the labels need whole images
     loader = torch.utils.data.DataLoader(LabelledImages(train_records, image_root, transform),
-                                         batch_size=batch_size, shuffle=True, drop_last=True,
+                                         batch_size=batch_size, shuffle=True,
+                                         drop_last=len(train_records) > batch_size,
                                          num_workers=config.get('num_workers', 0))
     model = ViTClassifier(config, len(LABELS)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
@@ -109,13 +117,15 @@ def train_vit(config, train_records, test_records, image_root, epochs, lr, batch
         logger.info('ViT epoch %d: loss %.4f', epoch, loss.item())
     model.eval()
     test = LabelledImages(test_records, image_root, transform)
-    correct = total = 0
+    found = named = 0
     with torch.no_grad():
         for image, target in torch.utils.data.DataLoader(test, batch_size=batch_size):
-            predicted = model(image.to(device)).cpu() > 0
-            correct += (predicted == target.bool()).all(dim=1).sum().item()
-            total += len(target)
-    return model, correct / total
+            scores = model(image.to(device)).cpu()
+            for row, labels in zip(scores, target):
+                count = int(labels.sum())  # an image's objects among its `count` top labels
+                found += labels[row.topk(count).indices].sum().item()
+                named += count
+    return model, found / max(1, named)
 
 
 def train_bert(config, tokenizer, train_captions, test_captions, steps, lr, batch_size, device):
@@ -196,11 +206,12 @@ def main(argv=None):
     device = torch.device(args.device)
 
     began = time.time()
-    vit, exact = train_vit(config, train, test, config['image_root'], args.vit_epochs,
+    vit, recall = train_vit(config, train, test, config['image_root'], args.vit_epochs,
                            args.vit_lr, args.batch_size, device)
     torch.save({'model': vit.deit_state_dict(), 'labels': LABELS}, os.path.join(args.out, 'vit.pth'))
-    logger.info('ViT: all %d object labels right on %.1f%% of %d held-out images (%.0f s)',
-                len(LABELS), 100 * exact, len(test), time.time() - began)
+    logger.info('ViT: %.1f%% of the objects in %d held-out images among their top-ranked labels '
+                '(chance %.1f%%; %.0f s)', 100 * recall, len(test), 100 * chance_recall(test),
+                time.time() - began)
 
     began = time.time()
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
@@ -209,7 +220,7 @@ def main(argv=None):
     bert.save_pretrained(os.path.join(args.out, 'bert'))
     logger.info('BERT: %.1f%% of masked held-out tokens predicted (%.0f s)', 100 * accuracy,
                 time.time() - began)
-    return {'vit_exact_match': exact, 'bert_mlm_accuracy': accuracy}
+    return {'vit_object_recall': recall, 'bert_mlm_accuracy': accuracy}
 
 
 if __name__ == '__main__':
