@@ -303,7 +303,9 @@ def test_fuzz_datasets_fail_only_with_clear_errors(tmp_path):
 # ----------------------------------------------------------------------------- config
 
 TASK_OF = {'Pretrain': 'pretrain', 'NLVR_pretrain': 'pretrain_nlvr', 'Retrieval_coco': 'retrieval',
-           'Retrieval_flickr': 'retrieval', 'Retrieval': 'retrieval', 'Grounding': 'grounding',
+           'Retrieval_flickr': 'retrieval', 'Retrieval_flickr_zeroshot': 'retrieval',
+           'Retrieval_coco_zeroshot_pretrained': 'retrieval', 'Retrieval': 'retrieval',
+           'Grounding': 'grounding',
            'VQA': 'vqa', 'NLVR': 'nlvr', 'VE': 've'}
 
 
