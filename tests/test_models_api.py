@@ -88,3 +88,19 @@ def test_decoder_loss_is_summed_per_sequence():
     ids2[:, -1] = 7
     out2 = decoder(ids2, attention_mask=att, encoder_hidden_states=states, return_logits=True)
     assert torch.allclose(out2[:, :-1], logits[:, :-1], atol=1e-5)
+
+
+def test_decoder_mean_reduction_is_the_token_mean():
+    """NOTE(fixed) in xbert.BertLMHeadModel: reduction='mean' crashed in the original; it is
+    the mean over the predicted (non -100) tokens."""
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, fusion_layer=0, encoder_width=16,
+                        max_position_embeddings=16)
+    torch.manual_seed(0)
+    decoder = BertLMHeadModel(config).eval()
+    ids = torch.randint(5, 50, (3, 6))
+    labels = ids.masked_fill(torch.arange(6) >= 4, -100)
+    out = decoder(ids, attention_mask=torch.ones_like(ids), encoder_hidden_states=torch.randn(3, 4, 16),
+                  labels=labels, reduction='mean')
+    manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].transpose(1, 2), labels[:, 1:])
+    assert out.loss.dim() == 0 and torch.allclose(out.loss, manual, atol=1e-6)

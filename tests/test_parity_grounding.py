@@ -154,6 +154,19 @@ def test_grounding_eval_reuses_the_previous_box_when_no_score_is_positive():
     assert accuracy['testB_d'] != accuracy['testB_d']  # nan: no testB expressions
 
 
+def test_grounding_eval_first_expression_without_a_positive_box_is_a_miss():
+    """NOTE(fixed) in grounding_eval: the original hit an unbound pred_box here."""
+    refer = types.SimpleNamespace(
+        Refs={0: {'image_id': 0, 'split': 'val'}, 1: {'image_id': 0, 'split': 'val'}},
+        refToAnn={0: {'bbox': [0, 0, 4, 4]}, 1: {'bbox': [0, 0, 4, 4]}},
+        Imgs={0: {'height': 8, 'width': 8}})
+    dets = {'0': [[0, 0, 4, 4]]}
+    hot = torch.zeros(2, 2)
+    hot[0, 0] = 1.0
+    results = [{'ref_id': 0, 'pred': -torch.ones(2, 2)}, {'ref_id': 1, 'pred': hot}]
+    assert grounding_eval(results, dets, refer)['val_d'] == 0.5  # a miss, then a hit
+
+
 def test_compute_iou_inclusive_pixels():
     assert compute_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
     assert compute_iou([0, 0, 10, 10], [5, 0, 10, 10]) == pytest.approx(50 / 150)
