@@ -66,9 +66,9 @@ SIZE_PRESETS = {
     'tiny': dict(pretrain=24, re_train=12, re_val=6, re_test=6, vqa_train=40, vqa_val=10, vqa_test=10,
                  nlvr_train=24, nlvr_dev=10, nlvr_test=10, ve_train=30, ve_dev=12, ve_test=12,
                  grounding_train=12, grounding_val=4, grounding_testA=4, grounding_testB=4),
-    'small': dict(pretrain=2000, re_train=300, re_val=100, re_test=100, vqa_train=600, vqa_val=150,
-                  vqa_test=150, nlvr_train=400, nlvr_dev=100, nlvr_test=100, ve_train=600, ve_dev=150,
-                  ve_test=150, grounding_train=300, grounding_val=50, grounding_testA=50,
+    'small': dict(pretrain=2000, re_train=300, re_val=100, re_test=100, vqa_train=1500, vqa_val=300,
+                  vqa_test=150, nlvr_train=1500, nlvr_dev=200, nlvr_test=300, ve_train=1500,
+                  ve_dev=300, ve_test=300, grounding_train=300, grounding_val=50, grounding_testA=50,
                   grounding_testB=50),
     'medium': dict(pretrain=10000, re_train=1500, re_val=300, re_test=300, vqa_train=5000,
                    vqa_val=1000, vqa_test=1000, nlvr_train=3000, nlvr_dev=600, nlvr_test=600,
@@ -524,6 +524,13 @@ def resolve_sizes(size='small', **sizes):
     return {**SIZE_PRESETS[size], **sizes}
 
 
+def manifest(seed=0, size='small', image_size=96, sizes=None):
+    """What a generated folder holds (written last, as manifest.json): compare it to decide
+    whether an existing folder is the data wanted."""
+    return {'seed': seed, 'size': size, 'image_size': image_size,
+            'sizes': sizes if sizes is not None else resolve_sizes(size)}
+
+
 def generate(out_dir, seed=0, size='small', image_size=96, **sizes):
     """Write every task's data under `out_dir`; returns {name: written path}.
 
@@ -574,6 +581,7 @@ def generate(out_dir, seed=0, size='small', image_size=96, **sizes):
     _dump(instances, files['instances'])
     files['tokenizer'] = os.path.join(out_dir, 'tokenizer')
     vocab_size = write_vocab(files['tokenizer'], texts)
+    emit('manifest', manifest(seed, size, image_size, sizes))
     logger.info('synthetic data in %s: vocabulary of %d tokens', out_dir, vocab_size)
     return files
 

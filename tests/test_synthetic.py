@@ -271,3 +271,13 @@ def test_vqa_and_ve_labels_agree_with_the_scene():
             assert o.row in (0, 2)
             holds = o.row == (0 if words[-1] == 'top' else 2)
         assert holds == (label == 'entailment')
+
+
+def test_manifest_names_what_was_generated(out):
+    folder, _ = out
+    written = load(folder, 'manifest')
+    assert written == synthetic.manifest(seed=0, **SIZES)
+    assert written['sizes']['vqa_train'] == synthetic.SIZE_PRESETS['tiny']['vqa_train']
+    assert written != synthetic.manifest(seed=1, **SIZES)
+    assert written != synthetic.manifest(seed=0, size='tiny', image_size=64, sizes={
+        **synthetic.SIZE_PRESETS['tiny'], 'vqa_train': 41})

@@ -28,6 +28,8 @@ def tiny_config(template, data_dir, path, unimodal_init=False, **changes):
     config = load_config(ROOT / 'configs/tiny' / template)
     if not unimodal_init and 'init_deit' in config:
         config.update(init_deit=False, text_encoder=None)
+    if 'distill' in config:  # the tiny fine-tuning configs turn it off; tests cover the full path
+        config['distill'] = True
     for key, value in config.items():
         if isinstance(value, str) and value.startswith('data/synthetic'):
             config[key] = value.replace('data/synthetic', str(data_dir), 1)
