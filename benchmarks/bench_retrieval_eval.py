@@ -4,8 +4,8 @@ A base-size retrieval ALBEF (ViT-B/16, BERT-base 6+6) with random weights, a few
 and captions, k_test candidates per query. Captions are padded to --text_len (30) exactly as
 Retrieval.py's evaluation (and the original's) tokenises them; their real lengths (tokens
 including [CLS] and [SEP]) are drawn uniformly from --caption_len MIN MAX, by default 10..22
-(8..20 word pieces, mean 16 tokens, a caption-like length; COCO/Flickr captions are mostly
-in this range). `--fixed_len` makes every caption fill all --text_len tokens instead (no
+(8..20 word pieces, mean 16 tokens: an assumed caption-like range, not measured on the
+datasets here). `--fixed_len` makes every caption fill all --text_len tokens instead (no
 padding: the worst case for the fast path, which drops padding). Prints wall and process CPU
 time of the ITM re-scoring for both paths (run alternately --repeats times; the best of each
 is compared), the ratio, and the largest difference between their score matrices.
