@@ -5,13 +5,17 @@ the fusion encoder (raw ITM "match" logit) and every other cell stays -100. Two 
 - `itm_score_matrices_plain`: the original loop, one fusion call of k pairs per query;
 - `itm_score_matrices`: the same matrices, faster: each (image, text) pair is scored once even
   when both directions ask for it, an image's cross-attention keys/values are computed once per
-  fusion layer and shared by all its texts, many pairs go through one fusion call, and padding
-  beyond a batch's longest text is dropped. Equal to the plain path up to float rounding.
+  fusion layer and shared by all its texts, the first fusion layer's self-attention (which does
+  not see the image) once per text, many pairs of similar text length go through one fusion
+  call with padding beyond its longest text dropped, and the last fusion layer computes the
+  [CLS] position only. Equal to the plain path up to float rounding.
 `itm_eval` turns the matrices into Recall@K.
 """
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from models.xbert import extended_attention_mask
 
 
 def _distributed(world_size):
@@ -104,17 +108,60 @@ def candidate_pairs(sims, k_test):
     return pairs, i2t_codes, t2i_codes
 
 
+def _first_fusion_attention(layer, text_embeds, text_atts, lengths, batch, trim_padding):
+    """Self-attention output (U, L, D) of the first fusion layer for U texts: its input is the
+    text encoder's output, so it does not depend on the image and is computed once per text.
+    Texts run `batch` at a time in length order, each batch trimmed to its longest text when
+    `trim_padding`; positions beyond a text's batch width stay 0 (padding, never attended)."""
+    out = torch.zeros_like(text_embeds)
+    order = torch.argsort(lengths, stable=True)
+    widths = lengths[order].tolist()
+    for start in range(0, order.numel(), batch):
+        rows = order[start:start + batch]
+        width = widths[min(start + batch, order.numel()) - 1] if trim_padding else out.size(1)
+        atts = text_atts[rows, :width]
+        out[rows, :width] = layer.attention(text_embeds[rows, :width],
+                                            extended_attention_mask(atts, out.dtype))
+    return out
+
+
+def _fusion_cls(encoder, first_attention, text_atts, key_values):
+    """The [CLS] state after the fusion layers, from the first fusion layer's self-attention
+    output; the last layer computes the [CLS] position only (the others are not read)."""
+    start, end = encoder.layer_range('fusion')
+    hidden = first_attention if end - start > 1 else first_attention[:, :1]
+    hidden = encoder.layer[start].fuse(hidden, key_values.layer(start))
+    mask = extended_attention_mask(text_atts, hidden.dtype)
+    for i in range(start + 1, end):
+        hidden = encoder.layer[i](hidden, mask, key_values.layer(i),
+                                  rows=slice(0, 1) if i == end - 1 else None)
+    return hidden[:, 0]
+
+
 @torch.no_grad()
 def score_pairs(model, image_embeds, text_embeds, text_atts, image_idx, text_idx,
                 pair_batch=256, image_batch=32, trim_padding=True):
     """Raw ITM match logits (P,) of the pairs (image_idx[p], text_idx[p]).
 
-    Pairs must be grouped by image (sorted image_idx). Images are processed `image_batch` at a
-    time: their cross-attention keys/values are projected once, then their pairs run
-    `pair_batch` per fusion call. With `trim_padding`, each call drops the columns beyond its
-    longest text (masked keys get exactly zero weight, so only rounding changes).
+    Pairs must be grouped by image (sorted image_idx). The first fusion layer's self-attention
+    is computed once per text (it does not see the image). Images are processed `image_batch`
+    at a time: their cross-attention keys/values are projected once per fusion layer; their
+    pairs are ordered by text length (then image) and run `pair_batch` per fusion call, each
+    call attending group-wise to its images' keys/values (no per-pair copies). With
+    `trim_padding`, each call drops the columns beyond its longest text (masked keys get exactly
+    zero weight, so only rounding changes). The last fusion layer computes [CLS] only.
     """
     scores = torch.empty(image_idx.numel(), dtype=text_embeds.dtype, device=text_embeds.device)
+    if image_idx.numel() == 0:
+        return scores
+    encoder = model.text_encoder.encoder
+    fusion_start, _ = encoder.layer_range('fusion')
+    lengths = text_atts.sum(1)
+    texts, pair_text = torch.unique(text_idx, return_inverse=True)
+    first_attention = _first_fusion_attention(encoder.layer[fusion_start], text_embeds[texts],
+                                              text_atts[texts], lengths[texts], pair_batch,
+                                              trim_padding)
+    pair_len = lengths[text_idx]
     bounds = torch.searchsorted(image_idx, torch.arange(0, image_embeds.size(0) + image_batch,
                                                         image_batch, device=image_idx.device))
     for chunk, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
@@ -122,18 +169,17 @@ def score_pairs(model, image_embeds, text_embeds, text_atts, image_idx, text_idx
             continue
         first = chunk * image_batch
         key_values = model.text_encoder.image_key_values(image_embeds[first:first + image_batch])
-        for start in range(lo, hi, pair_batch):
-            sel = slice(start, min(hi, start + pair_batch))
-            texts = text_idx[sel]
-            atts = text_atts[texts]
-            if trim_padding:
-                atts = atts[:, :int(atts.sum(1).max())]
-            hidden = model.text_encoder(encoder_embeds=text_embeds[texts, :atts.size(1)],
-                                        attention_mask=atts,
-                                        encoder_hidden_states=key_values.select(
-                                            image_idx[sel] - first),
-                                        return_dict=True, mode='fusion').last_hidden_state
-            scores[sel] = model.itm_head(hidden[:, 0])[:, 1]
+        local_image = image_idx[lo:hi] - first
+        order = lo + torch.argsort(pair_len[lo:hi] * image_batch + local_image, stable=True)
+        widths = pair_len[order].tolist()
+        for start in range(0, hi - lo, pair_batch):
+            sel = order[start:start + pair_batch]
+            width = widths[min(start + pair_batch, hi - lo) - 1] if trim_padding \
+                else text_atts.size(1)
+            cls = _fusion_cls(encoder, first_attention[pair_text[sel], :width],
+                              text_atts[text_idx[sel], :width],
+                              key_values.select_runs(image_idx[sel] - first))
+            scores[sel] = model.itm_head(cls)[:, 1]
     return scores
 
 

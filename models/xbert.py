@@ -111,20 +111,58 @@ class ImageKeyValues:
     only one layer's (texts, H, N, d) copy exists at a time.
     """
 
-    def __init__(self, per_layer, index=None):
+    def __init__(self, per_layer, index=None, runs=None):
         self.per_layer = per_layer  # layer -> (keys, values), each (I, H, N, d)
         self.index = index  # (B,) image of every text, or None: text b uses image b
+        self.runs = runs  # [(image, start, end)]: rows start:end all use `image`, or None
 
     def select(self, index):
         return ImageKeyValues(self.per_layer, index)
 
+    def select_runs(self, index):
+        """As `select`, for an index whose equal entries are adjacent (rows grouped by image).
+        Attention then runs once per group against that image's keys/values, broadcast to the
+        group's rows instead of copied per row (`KeyValueRuns`). Synchronises (reads `index`)."""
+        images, counts = torch.unique_consecutive(index, return_counts=True)
+        ends = counts.cumsum(0).tolist()
+        starts = [0] + ends[:-1]
+        return ImageKeyValues(self.per_layer, index,
+                              list(zip(images.tolist(), starts, ends)))
+
     def layer(self, i):
         """(keys, values) of fusion layer i for every text: gathered here, so a caller that
-        defers this call (see BertEncoder) keeps only the per-image tensors alive."""
+        defers this call (see BertEncoder) keeps only the per-image tensors alive. After
+        `select_runs`, a `KeyValueRuns` instead (nothing gathered)."""
         keys, values = self.per_layer[i]
+        if self.runs is not None:
+            return KeyValueRuns(keys, values, self.index, self.runs)
         if self.index is None:
             return keys, values
         return keys[self.index], values[self.index]
+
+
+class KeyValueRuns:
+    """One fusion layer's per-image keys/values (I, H, N, d) for rows grouped into runs that
+    share an image; `attention` equals attention against the gathered keys/values up to float
+    rounding, without the (B, H, N, d) copies."""
+
+    def __init__(self, keys, values, index, runs):
+        self.keys, self.values, self.index, self.runs = keys, values, index, runs
+
+    def gathered(self):
+        return self.keys[self.index], self.values[self.index]
+
+    def attention(self, q, mask=None, dropout_p=0.0):
+        """Scaled dot-product attention of queries q (B, H, L, d); mask (B, 1, 1|L, N) or None."""
+        context = q.new_empty(q.shape[:-1] + (self.values.size(-1),))
+        for image, start, end in self.runs:
+            n = end - start
+            keys = self.keys[image:image + 1].expand(n, -1, -1, -1)
+            values = self.values[image:image + 1].expand(n, -1, -1, -1)
+            context[start:end] = F.scaled_dot_product_attention(
+                q[start:end], keys, values,
+                attn_mask=None if mask is None else mask[start:end], dropout_p=dropout_p)
+        return context
 
 
 class BertEmbeddings(nn.Module):
@@ -186,18 +224,30 @@ class BertSelfAttention(AttentionRecorder, nn.Module):
         return self.split_heads(self.key(source)), self.split_heads(self.value(source))
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None):
+                encoder_attention_mask=None, rows=None):
+        """`rows` (an index of positions, self-attention only): outputs for those query
+        positions only, attending to every position as usual."""
         if self.is_cross_attention:
             source, mask = encoder_hidden_states, encoder_attention_mask
         else:
             source, mask = hidden_states, attention_mask
-        q = self.split_heads(self.query(hidden_states))
+        queries = hidden_states if rows is None else hidden_states[:, rows]
+        q = self.split_heads(self.query(queries))
         # Precomputed (keys, values) from BertModel.image_key_values, possibly deferred.
         if callable(source):
             source = source()
-        k, v = source if isinstance(source, tuple) else self.key_values(source)
         if mask is not None:
             mask = mask.to(q.dtype)
+            if rows is not None and mask.size(-2) > 1:  # a per-query (causal) mask
+                mask = mask[:, :, rows]
+        if isinstance(source, KeyValueRuns):
+            if not self.save_attention:
+                context = source.attention(
+                    q, mask, dropout_p=self.dropout.p if self.training else 0.0)
+                B, H, L, d = context.shape
+                return context.transpose(1, 2).reshape(B, L, H * d)
+            source = source.gathered()
+        k, v = source if isinstance(source, tuple) else self.key_values(source)
         if self.save_attention and self.is_cross_attention:
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.attention_head_size)
             if mask is not None:
@@ -230,10 +280,10 @@ class BertAttention(nn.Module):
         self.output = BertSelfOutput(config)
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None):
+                encoder_attention_mask=None, rows=None):
         context = self.self(hidden_states, attention_mask, encoder_hidden_states,
-                            encoder_attention_mask)
-        return self.output(context, hidden_states)
+                            encoder_attention_mask, rows=rows)
+        return self.output(context, hidden_states if rows is None else hidden_states[:, rows])
 
 
 class BertIntermediate(nn.Module):
@@ -271,8 +321,15 @@ class BertLayer(nn.Module):
         self.output = BertOutput(config)
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None):
-        attention_output = self.attention(hidden_states, attention_mask)
+                encoder_attention_mask=None, rows=None):
+        """`rows` (an index of positions): the layer's output at those positions only (every
+        position is still attended to); e.g. `slice(0, 1)` for the [CLS] state alone."""
+        attention_output = self.attention(hidden_states, attention_mask, rows=rows)
+        return self.fuse(attention_output, encoder_hidden_states, encoder_attention_mask)
+
+    def fuse(self, attention_output, encoder_hidden_states=None, encoder_attention_mask=None):
+        """The layer after its self-attention: cross-attention (fusion layers), feed-forward.
+        Every step is per position, so it may run on any subset of the positions."""
         if self.has_cross_attention:
             if encoder_hidden_states is None:
                 raise ValueError(f'layer {self.layer_num} is a fusion layer and needs '

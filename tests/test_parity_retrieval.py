@@ -8,6 +8,7 @@ from models import retrieval_eval
 from models.albef_base import sample_negatives
 from models.checkpoint import load_checkpoint
 from models.model_retrieval import ALBEF, idx_targets
+from models.xbert import BertConfig, extended_attention_mask
 from tests.reference import STUB_TOKENIZER, assert_close, load_kind, text_batch
 
 EVAL_PREFIXES = ('eval_', 'itm_eval.')
@@ -279,3 +280,73 @@ def test_rank_split_covers_every_cell_once(fixture):
             assert_close(merged, ref[d], f'fast {name} W={world_size}')
             shifted = torch.where(ref[d] == -100, ref[d] * world_size, ref[d] - 100 * (world_size - 1))
             assert_close(sum(parts[d] for parts in plain), shifted, f'plain {name} W={world_size}')
+
+
+def padded_captions(gen, count, low, high, max_length=30):
+    """Captions of `low`..`high` tokens ([CLS] ... [SEP]) padded to `max_length`, as the
+    evaluation tokenises them."""
+    lengths = torch.randint(low, high + 1, (count,), generator=gen)
+    positions = torch.arange(max_length)[None]
+    atts = (positions < lengths[:, None]).long()
+    ids = torch.randint(104, 1000, (count, max_length), generator=gen) * atts
+    ids[:, 0] = 101
+    ids[positions == lengths[:, None] - 1] = 102
+    return ids, atts
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('fusion_layers', [2, 1])
+def test_fast_path_equals_plain_on_padded_captions_of_varied_length(fixture, fusion_layers):
+    """Captions of 4..16 tokens padded to 30 (the evaluation's tokenisation): the fast path
+    (text self-attention shared per text, pairs grouped by length, padding trimmed, group-wise
+    cross-attention, [CLS]-only last layer) gives the plain loop's matrices, also with one
+    fusion layer (the first is then the last)."""
+    config, _, _, _ = fixture
+    bert = BertConfig.from_json_file(config['bert_config']).to_dict()
+    bert['fusion_layer'] = bert['num_hidden_layers'] - fusion_layers
+    torch.manual_seed(3)
+    model = ALBEF(config={**config, 'bert_config': bert}, tokenizer=STUB_TOKENIZER).eval()
+    for p in model.parameters():
+        p.add_(0.05 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(4)
+    images = torch.randn(6, 3, 64, 64, generator=gen)
+    text_ids, text_atts = padded_captions(gen, 17, 4, 16)
+    plain = retrieval_eval.evaluation(model, images, text_ids, text_atts, 4, fast=False)
+    assert plain[0].std() > 1e-2
+    for pair_batch, image_batch, trim in ((256, 32, True), (5, 4, True), (3, 1, False),
+                                          (7, 2, True)):
+        fast = retrieval_eval.evaluation(model, images, text_ids, text_atts, 4,
+                                         pair_batch=pair_batch, image_batch=image_batch,
+                                         trim_padding=trim)
+        for f, p, name in zip(fast, plain, ('i2t', 't2i')):
+            assert torch.equal(f == -100, p == -100), name
+            assert (f - p).abs().max() < 1e-5, (name, pair_batch, image_batch, trim)
+
+
+@torch.no_grad()
+def test_grouped_key_values_and_cls_rows_equal_the_full_computation(fixture):
+    """The fast path's building blocks in xbert: attention against `select_runs` (per-image
+    keys/values broadcast to runs of rows) equals attention against `select` (gathered), and a
+    layer's `rows` output equals the full output at those positions."""
+    model = random_tiny_model(fixture, seed=5)
+    bert = model.text_encoder
+    gen = torch.Generator().manual_seed(6)
+    image_embeds = torch.randn(3, 9, bert.config.encoder_width, generator=gen)
+    index = torch.tensor([2, 2, 0, 1, 1, 1, 2])  # runs, an image may come back
+    hidden = torch.randn(7, 5, bert.config.hidden_size, generator=gen)
+    atts = torch.ones(7, 5, dtype=torch.long)
+    atts[1, 3:] = 0
+    atts[4, 2:] = 0
+    mask = extended_attention_mask(atts, hidden.dtype)
+    layer = bert.encoder.layer[bert.config.fusion_layer]
+    gathered = bert.image_key_values(image_embeds).select(index)
+    runs = bert.image_key_values(image_embeds).select_runs(index)
+    assert [r[0] for r in runs.runs] == [2, 0, 1, 2]
+    full = layer(hidden, mask, gathered.layer(layer.layer_num))
+    grouped = layer(hidden, mask, runs.layer(layer.layer_num))
+    assert (full - grouped).abs().max() < 1e-5
+    cls = layer(hidden, mask, runs.layer(layer.layer_num), rows=slice(0, 1))
+    assert cls.shape == (7, 1, bert.config.hidden_size)
+    assert (cls - full[:, :1]).abs().max() < 1e-5
+    attention = layer.attention(hidden, mask)
+    assert (layer.fuse(attention, gathered.layer(layer.layer_num)) - full).abs().max() < 1e-5
