@@ -119,10 +119,11 @@ class ALBEFBase(nn.Module):
         if not self.momentum_updates:
             return
         if self.fast_train:
-            # In place, a few fused kernels over all tensors; equal up to float rounding.
+            # In place, one pass over every tensor: p_m + (1 - m) * (p - p_m), equal to the
+            # original's p_m * m + p * (1 - m) up to float rounding (one read of each tensor
+            # pair and one write, instead of two passes).
             params, params_m = zip(*self.momentum_parameter_pairs())
-            torch._foreach_mul_(params_m, self.momentum)
-            torch._foreach_add_(params_m, params, alpha=1.0 - self.momentum)
+            torch._foreach_lerp_(params_m, params, 1.0 - self.momentum)
             return
         # NOTE(faithful): p_m * m + p * (1 - m) as two products and a sum (not lerp).
         for param, param_m in self.momentum_parameter_pairs():

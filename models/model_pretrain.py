@@ -52,16 +52,14 @@ class ALBEF(ALBEFBase):
         masking) are drawn here unless given (tests compare the two paths on equal draws)."""
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
+        if self.fast_train:
+            return self.forward_fast(image, text, alpha, neg_img_idx, neg_txt_idx, masked_ids,
+                                     mlm_labels)
         image_embeds, image_feat, text_embeds, text_feat = self.encode(image, text)
         image_feat_m, text_feat_m, image_embeds_m = self.momentum_features(image, text)
         loss_ita, sim_i2t, sim_t2i = self.forward_itc(image_feat, text_feat, image_feat_m,
                                                       text_feat_m, alpha)
         self._dequeue_and_enqueue(image_feat_m, text_feat_m)
-        if self.fast_train:
-            loss_itm, loss_mlm = self.forward_itm_mlm_fast(
-                image_embeds, image_embeds_m, text_embeds, text, sim_i2t, sim_t2i, alpha,
-                neg_img_idx, neg_txt_idx, masked_ids, mlm_labels)
-            return loss_mlm, loss_ita, loss_itm
         loss_itm = self.forward_itm(image_embeds, text_embeds, text.attention_mask, sim_i2t, sim_t2i,
                                     neg_img_idx=neg_img_idx, neg_txt_idx=neg_txt_idx)
         loss_mlm = self.forward_mlm(text.input_ids, text.attention_mask, image_embeds,
@@ -160,50 +158,81 @@ class ALBEF(ALBEFBase):
                                        alpha=alpha)
         return mlm_output.loss
 
-    def forward_itm_mlm_fast(self, image_embeds, image_embeds_m, text_embeds, text, sim_i2t,
-                             sim_t2i, alpha, neg_img_idx=None, neg_txt_idx=None, masked_ids=None,
-                             labels=None):
-        """(loss_itm, loss_mlm) of `forward_itm` + `forward_mlm`, computed faster.
+    def forward_fast(self, image, text, alpha, neg_img_idx=None, neg_txt_idx=None,
+                     masked_ids=None, labels=None):
+        """(loss_mlm, loss_ita, loss_itm) of the plain path, computed faster (fast_train).
 
-        Every fusion row (ITM positive, ITM negative, MLM) attends to one of the batch's B
-        images, so each fusion layer projects the B images to keys/values once and the 4B rows
-        index into them, in one fusion call; gradients reach the image encoder through these
-        shared keys/values. Negatives are drawn for the whole batch at once; the MLM head runs
-        only on the predicted tokens (the only ones either loss reads).
+        - The ITC captions and the masked MLM captions go through the text layers together
+          (2B rows), in the online and in the momentum BERT: one pass and one weight gradient
+          per layer instead of two, and the word-embedding gradient arrives sparse and is added
+          into the tied MLM decoder's dense gradient (no dense zero-filled copy).
+        - Every fusion row (ITM positive, ITM negative, MLM) attends to one of the batch's B
+          images, so each fusion layer projects the B images to keys/values once and the 4B
+          rows' queries are grouped per image (one fusion call, `select_grouped`); gradients
+          reach the image encoder through these shared keys/values.
+        - The momentum MLM pass runs its fusion layers on the momentum text states already
+          computed, and both MLM heads run only on the predicted tokens (the only ones either
+          loss reads). Negatives are drawn for the whole batch in one call.
+        Because the masking is drawn before the encoders, the random stream differs from the
+        plain path; on equal draws (arguments) the losses and gradients are the same.
         """
-        bs = image_embeds.size(0)
         atts = text.attention_mask
+        bs = image.size(0)
+        if masked_ids is None:
+            masked_ids, labels = self.mask(text.input_ids, self.text_encoder.config.vocab_size,
+                                           image.device, targets=text.input_ids.clone())
+        ids_both = torch.cat([text.input_ids, masked_ids])  # (2B, L): ITC rows, MLM rows
+        atts_both = torch.cat([atts, atts])
+
+        image_embeds = self.visual_encoder(image)  # (B, N, Dv)
+        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+        bert = self.text_encoder.bert
+        word_embeddings = bert.embeddings.word_embeddings
+        text_both = bert(inputs_embeds=F.embedding(ids_both, word_embeddings.weight,
+                                                   word_embeddings.padding_idx, sparse=True),
+                         attention_mask=atts_both, return_dict=True,
+                         mode='text').last_hidden_state
+        text_embeds, mlm_embeds = text_both[:bs], text_both[bs:]
+        text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
+
+        with torch.no_grad():
+            self._momentum_update()  # NOTE(faithful): before the teacher forward, every call
+            image_embeds_m = self.visual_encoder_m(image)
+            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
+            bert_m = self.text_encoder_m.bert
+            text_both_m = bert_m(ids_both, attention_mask=atts_both, return_dict=True,
+                                 mode='text').last_hidden_state
+            text_feat_m = F.normalize(self.text_proj_m(text_both_m[:bs, 0]), dim=-1)
+
+        loss_ita, sim_i2t, sim_t2i = self.forward_itc(image_feat, text_feat, image_feat_m,
+                                                      text_feat_m, alpha)
+        self._dequeue_and_enqueue(image_feat_m, text_feat_m)
+
         if neg_img_idx is None or neg_txt_idx is None:
             weights_i2t, weights_t2i = self.negative_weights(sim_i2t, sim_t2i)
             neg_img_idx = sample_negatives_batched(weights_t2i)  # texts first, as the plain path
             neg_txt_idx = sample_negatives_batched(weights_i2t)
-        if masked_ids is None:
-            masked_ids, labels = self.mask(text.input_ids, self.text_encoder.config.vocab_size,
-                                           image_embeds.device, targets=text.input_ids.clone())
-        bert = self.text_encoder.bert
-        mlm_embeds = bert(masked_ids, attention_mask=atts, return_dict=True,
-                          mode='text').last_hidden_state
-        rows = torch.arange(bs, device=image_embeds.device)
+        rows = torch.arange(bs, device=image.device)
         # Rows: B positives, the 2B negatives in hard_negative_batch's order, B MLM captions.
         text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_txt_idx], mlm_embeds])
         atts_all = torch.cat([atts, atts, atts[neg_txt_idx], atts])
         image_of_row = torch.cat([rows, neg_img_idx, rows, rows])  # (4B,)
-        key_values = bert.image_key_values(image_embeds).select(image_of_row)
+        key_values = bert.image_key_values(image_embeds).select_grouped(image_of_row)
         hidden = bert(encoder_embeds=text_all, attention_mask=atts_all,
                       encoder_hidden_states=key_values, return_dict=True,
                       mode='fusion').last_hidden_state  # (4B, L, D)
 
         vl_output = self.itm_head(hidden[:3 * bs, 0])
         itm_labels = torch.cat([torch.ones(bs, dtype=torch.long),
-                                torch.zeros(2 * bs, dtype=torch.long)]).to(image_embeds.device)
+                                torch.zeros(2 * bs, dtype=torch.long)]).to(image.device)
         loss_itm = F.cross_entropy(vl_output, itm_labels)
 
         predicted = labels != -100  # (B, L)
         with torch.no_grad():
-            hidden_m = self.text_encoder_m.bert(masked_ids, attention_mask=atts,
-                                                encoder_hidden_states=image_embeds_m,
-                                                return_dict=True).last_hidden_state
+            hidden_m = bert_m(encoder_embeds=text_both_m[bs:], attention_mask=atts,
+                              encoder_hidden_states=image_embeds_m, return_dict=True,
+                              mode='fusion').last_hidden_state
             soft_labels = F.softmax(self.text_encoder_m.cls(hidden_m[predicted]), dim=-1)
         logits = self.text_encoder.cls(hidden[3 * bs:][predicted])  # (M, V)
         loss_mlm = masked_lm_loss(logits, labels[predicted], soft_labels, alpha)
-        return loss_itm, loss_mlm
+        return loss_mlm, loss_ita, loss_itm

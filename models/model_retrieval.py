@@ -142,11 +142,11 @@ class ALBEF(ALBEFBase):
         """ITM logits (3B, 2): B positives, then the 2B negatives of `hard_negative_batch`.
 
         Fast path: one fusion call over the 3B rows, each fusion layer projecting the B images
-        to keys/values once and every row indexing its image (gradients flow back through the
-        shared keys/values)."""
+        to keys/values once and attending with the queries of each image's rows grouped
+        (`select_grouped`; gradients flow back through the shared keys/values)."""
         if self.fast_train:
             rows = torch.arange(image_embeds.size(0), device=image_embeds.device)
-            key_values = self.text_encoder.image_key_values(image_embeds).select(
+            key_values = self.text_encoder.image_key_values(image_embeds).select_grouped(
                 torch.cat([rows, neg_img_idx, rows]))
             hidden = self.text_encoder(
                 encoder_embeds=torch.cat([text_embeds, text_embeds, text_embeds[neg_txt_idx]]),

@@ -34,8 +34,11 @@ class Attention(AttentionRecorder, TimmAttention):
 
     def forward(self, x, attn_mask=None, is_causal=False):
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, H, N, d)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        # Each (B, H, N, d), the same views as permute(2, 0, 3, 1, 4).unbind(0); unbinding dim 2
+        # lets backward stack the three gradients straight into the (B, N, 3, H, d) layout of
+        # the qkv output instead of stacking and then copying to it.
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         if self.save_attention:
             # NOTE(faithful): the scale multiplies after q @ k^T, as in the original.
             attn = (q @ k.transpose(-2, -1)) * self.scale

@@ -111,10 +111,13 @@ class ImageKeyValues:
     only one layer's (texts, H, N, d) copy exists at a time.
     """
 
-    def __init__(self, per_layer, index=None, runs=None):
+    def __init__(self, per_layer, index=None, runs=None, groups=None):
         self.per_layer = per_layer  # layer -> (keys, values), each (I, H, N, d)
         self.index = index  # (B,) image of every text, or None: text b uses image b
-        self.runs = runs  # [(image, start, end)]: rows start:end all use `image`, or None
+        # At most one of: rows start:end all use `image` [(image, start, end)] (evaluation,
+        # masks allowed), or QueryGroups of `index` (training, one attention call, no mask).
+        self.runs = runs
+        self.groups = groups
 
     def select(self, index):
         return ImageKeyValues(self.per_layer, index)
@@ -129,6 +132,14 @@ class ImageKeyValues:
         return ImageKeyValues(self.per_layer, index,
                               list(zip(images.tolist(), starts, ends)))
 
+    def select_grouped(self, index):
+        """Like `select`, but an unmasked cross-attention gathers the texts' queries per image
+        (`GroupedKeyValues`) instead of copying every image's keys/values once per text: the
+        same attention (each query row attends to its own image), no (texts, H, N, d) copies
+        and no scatter of their gradients back onto the images."""
+        keys = next(iter(self.per_layer.values()))[0]
+        return ImageKeyValues(self.per_layer, index, groups=QueryGroups(index, keys.shape[0]))
+
     def layer(self, i):
         """(keys, values) of fusion layer i for every text: gathered here, so a caller that
         defers this call (see BertEncoder) keeps only the per-image tensors alive. After
@@ -136,6 +147,8 @@ class ImageKeyValues:
         keys, values = self.per_layer[i]
         if self.runs is not None:
             return KeyValueRuns(keys, values, self.index, self.runs)
+        if self.groups is not None:
+            return GroupedKeyValues(keys, values, self.index, self.groups)
         if self.index is None:
             return keys, values
         return keys[self.index], values[self.index]
@@ -163,6 +176,64 @@ class KeyValueRuns:
                 q[start:end], keys, values,
                 attn_mask=None if mask is None else mask[start:end], dropout_p=dropout_p)
         return context
+
+
+class QueryGroups:
+    """Slots that lay out R texts by image: image i owns slots [i * C, (i + 1) * C), C = the
+    most texts any image has, and text r sits in slot `slot[r]` of its image (unused slots hold
+    zero queries whose outputs are never read)."""
+
+    def __init__(self, image_of_row, num_images):
+        rows = image_of_row.numel()
+        counts = torch.bincount(image_of_row, minlength=num_images)
+        self.num_images, self.per_image = num_images, int(counts.max())
+        order = torch.argsort(image_of_row, stable=True)
+        first = torch.cumsum(counts, 0) - counts  # first sorted position of each image
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(rows, device=order.device) - first[image_of_row[order]]
+        self.slot = image_of_row * self.per_image + rank  # (R,), all different
+
+
+class _RowsAt(torch.autograd.Function):
+    """x[index] for an index without repeats: the gradient is written back into zeros without
+    accumulation (autograd's accumulating scatter for x[index] is serial on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        index, = ctx.saved_tensors
+        return grad.new_zeros((ctx.rows,) + grad.shape[1:]).index_put_((index,), grad), None
+
+
+class GroupedKeyValues:
+    """One fusion layer's per-image keys/values with the texts' image assignment; see
+    `ImageKeyValues.select_grouped`."""
+
+    def __init__(self, keys, values, index, groups):
+        self.keys, self.values, self.index, self.groups = keys, values, index, groups
+
+    def gathered(self):
+        """(keys, values) per text, as `ImageKeyValues.layer` without grouping."""
+        return self.keys[self.index], self.values[self.index]
+
+    def attend(self, q, dropout_p=0.0):
+        """Context (R, L, H * d) of queries q (R, H, L, d) without a key mask: each image's
+        texts are stacked along the query axis, (I, H, C * L, d), and attend to that image's
+        keys once. Query rows are independent, so this equals per-text attention."""
+        groups = self.groups
+        R, H, L, d = q.shape
+        I, C = groups.num_images, groups.per_image
+        # Queries into their slots (backward: a plain gather of the slots' gradients).
+        q = q.new_zeros(I * C, H, L, d).index_put((groups.slot,), q)
+        q = q.view(I, C, H, L, d).transpose(1, 2).reshape(I, H, C * L, d)
+        context = F.scaled_dot_product_attention(q, self.keys, self.values, dropout_p=dropout_p)
+        context = context.view(I, H, C, L, d).permute(0, 2, 3, 1, 4).reshape(I * C, L, H * d)
+        return _RowsAt.apply(context, groups.slot)
 
 
 class BertEmbeddings(nn.Module):
@@ -236,6 +307,10 @@ class BertSelfAttention(AttentionRecorder, nn.Module):
         # Precomputed (keys, values) from BertModel.image_key_values, possibly deferred.
         if callable(source):
             source = source()
+        if isinstance(source, GroupedKeyValues):
+            if mask is None and not self.save_attention:
+                return source.attend(q, dropout_p=self.dropout.p if self.training else 0.0)
+            source = source.gathered()
         if mask is not None:
             mask = mask.to(q.dtype)
             if rows is not None and mask.size(-2) > 1:  # a per-query (causal) mask

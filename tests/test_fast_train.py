@@ -65,6 +65,8 @@ def assert_same_step(plain, fast, atol=1e-5):
         checked = 0
         for name, p in plain.named_parameters():
             f = fast_params[name]
+            if f.grad is not None:  # dense, as the optimisers expect (fused AdamW too)
+                assert f.grad.layout == torch.strided, name
             if p.grad is None:
                 assert f.grad is None, name
                 continue
@@ -182,3 +184,31 @@ def test_vqa_fast_answer_loss_equals_plain():
                 assert torch.allclose(g_plain, g_fast, atol=1e-5, rtol=1e-4), name
     for (name, p), f in zip(plain.named_parameters(), fast.parameters()):
         assert torch.allclose(p, f, atol=1e-6, rtol=0), name
+
+
+def test_grouped_cross_attention_equals_gathered_keys_values():
+    """select_grouped (queries stacked per image) == select (keys/values copied per text):
+    outputs and gradients of queries, keys and values; images used 0, 1 and 3 times."""
+    from models.xbert import BertConfig, BertModel
+    torch.manual_seed(0)
+    config = BertConfig(**{**BERT, 'hidden_dropout_prob': 0.0})
+    bert = BertModel(config, add_pooling_layer=False).train()
+    image_embeds = torch.randn(4, 5, 32, requires_grad=True)
+    text_embeds = torch.randn(6, 7, 32, requires_grad=True)
+    atts = torch.ones(6, 7, dtype=torch.long)
+    atts[2, 4:] = 0
+    image_of_row = torch.tensor([2, 0, 2, 3, 2, 0])  # image 1 unused
+    results = []
+    for grouped in (False, True):
+        bert.zero_grad()
+        image_embeds.grad = text_embeds.grad = None
+        key_values = bert.image_key_values(image_embeds)
+        key_values = (key_values.select_grouped(image_of_row) if grouped
+                      else key_values.select(image_of_row))
+        out = bert(encoder_embeds=text_embeds, attention_mask=atts,
+                   encoder_hidden_states=key_values, mode='fusion').last_hidden_state
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), image_embeds.grad, text_embeds.grad,
+                        bert.encoder.layer[2].crossattention.self.key.weight.grad))
+    for plain, grouped in zip(*results):
+        assert torch.allclose(plain, grouped, atol=1e-6, rtol=1e-5)
