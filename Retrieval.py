@@ -79,8 +79,8 @@ def main(argv=None):
     train_set, val_set, test_set = create_dataset('re', config)
     train_loader = resume.train_loader(train_set, config['batch_size_train'], config['num_workers'],
                                        seed=args.seed)
-    # Evaluation loaders are not sharded: every rank encodes everything (the ITM re-ranking is
-    # split between ranks inside `evaluation`).
+    # Evaluation loaders are not sharded: every rank reads every image; `evaluation` shares the
+    # encoding (fast path) and the ITM re-ranking between the ranks.
     val_loader, test_loader = create_loader(
         [val_set, test_set], [None, None], batch_size=[config['batch_size_test']] * 2,
         num_workers=[config['num_workers']] * 2, is_trains=[False, False], collate_fns=[None] * 2)

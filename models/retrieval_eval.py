@@ -51,6 +51,64 @@ def encode_images(model, images):
     return torch.cat(embeds), torch.cat(feats)
 
 
+def _gather_padded(tensors, rows, world_size):
+    """all_gather of per-rank tensors padded to `rows` rows; returns the list of every rank's
+    (padded) tensor, in rank order."""
+    out = []
+    for t in tensors:
+        padded = t.new_zeros((rows,) + t.shape[1:])
+        padded[:t.size(0)] = t
+        parts = [torch.empty_like(padded) for _ in range(world_size)]
+        dist.all_gather(parts, padded.contiguous())
+        out.append(parts)
+    return out
+
+
+@torch.no_grad()
+def encode_texts_sharded(model, text_ids, text_atts, rank, world_size, batch_size=256):
+    """`encode_texts` with the captions split into contiguous shards, one per rank, and the
+    results gathered: every rank ends with all (T, L, D) states and (T, E) features."""
+    total = text_ids.size(0)
+    share = -(-total // world_size)
+    start, end = min(total, rank * share), min(total, (rank + 1) * share)
+    if end > start:
+        embeds, feats = encode_texts(model, text_ids[start:end], text_atts[start:end], batch_size)
+    else:  # an empty shard still takes part in the gather, with the right shapes
+        embeds, feats = (t[:0] for t in encode_texts(model, text_ids[:1], text_atts[:1]))
+    gathered = _gather_padded((embeds, feats), share, world_size)
+    return tuple(torch.cat(parts)[:total] for parts in gathered)
+
+
+@torch.no_grad()
+def encode_images_sharded(model, images, rank, world_size):
+    """`encode_images` with the batches dealt round-robin to the ranks (batch b to rank
+    b % world_size; every rank still reads them all from its loader) and the results gathered
+    in dataset order on every rank."""
+    batches = [images] if torch.is_tensor(images) else images
+    device = next(model.parameters()).device
+    sizes, mine, last = [], [], None
+    for b, batch in enumerate(batches):
+        last = batch if torch.is_tensor(batch) else batch[0]
+        sizes.append(last.size(0))
+        if b % world_size == rank:
+            image_embeds = model.visual_encoder(last.to(device))
+            mine.append((image_embeds, model.image_features(image_embeds)))
+    if not mine:  # fewer batches than ranks: the shapes from a one-image pass
+        image_embeds = model.visual_encoder(last[:1].to(device))
+        mine.append((image_embeds[:0], model.image_features(image_embeds)[:0]))
+    empty = tuple(t[:0] for t in mine[0])
+    rows = max(sizes)
+    embeds, feats = [], []
+    for round_number, first in enumerate(range(0, len(sizes), world_size)):
+        # This round gathers batch first + r from every rank r (an empty one past the end).
+        own = mine[round_number] if first + rank < len(sizes) else empty
+        parts_embeds, parts_feats = _gather_padded(own, rows, world_size)
+        for r, b in enumerate(range(first, min(first + world_size, len(sizes)))):
+            embeds.append(parts_embeds[r][:sizes[b]])
+            feats.append(parts_feats[r][:sizes[b]])
+    return torch.cat(embeds), torch.cat(feats)
+
+
 def itc_similarity(image_feats, text_feats):
     """Cosine similarities (I, T); no temperature (ranking only)."""
     return image_feats @ text_feats.t()
@@ -231,8 +289,13 @@ def evaluation(model, images, text_ids, text_atts, k_test, fast=True, rank=0, wo
     was_training = model.training
     model.eval()
     try:
-        text_embeds, text_feats = encode_texts(model, text_ids, text_atts, text_batch)
-        image_embeds, image_feats = encode_images(model, images)
+        if fast and _distributed(world_size):
+            text_embeds, text_feats = encode_texts_sharded(model, text_ids, text_atts, rank,
+                                                           world_size, text_batch)
+            image_embeds, image_feats = encode_images_sharded(model, images, rank, world_size)
+        else:  # NOTE(faithful): the original encodes the whole split on every rank
+            text_embeds, text_feats = encode_texts(model, text_ids, text_atts, text_batch)
+            image_embeds, image_feats = encode_images(model, images)
         sims = itc_similarity(image_feats, text_feats)
         score = itm_score_matrices if fast else itm_score_matrices_plain
         kwargs = fast_options if fast else {}

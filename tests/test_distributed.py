@@ -19,3 +19,10 @@ def test_queues_hold_features_of_both_ranks():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "rank 0: queues hold both ranks' features" in result.stdout
     assert "rank 1: queues hold both ranks' features" in result.stdout
+
+
+def test_retrieval_evaluation_sharded_over_ranks_equals_one_process():
+    result = torchrun(['tests/dist_retrieval_worker.py'])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f'rank {rank}: sharded evaluation equals one process' in result.stdout
