@@ -236,7 +236,7 @@ def score_pairs(model, image_embeds, text_embeds, text_atts, image_idx, text_idx
                 else text_atts.size(1)
             cls = _fusion_cls(encoder, first_attention[pair_text[sel], :width],
                               text_atts[text_idx[sel], :width],
-                              key_values.select_runs(image_idx[sel] - first))
+                              key_values.select_grouped(image_idx[sel] - first))
             scores[sel] = model.itm_head(cls)[:, 1]
     return scores
 

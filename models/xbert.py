@@ -111,26 +111,13 @@ class ImageKeyValues:
     only one layer's (texts, H, N, d) copy exists at a time.
     """
 
-    def __init__(self, per_layer, index=None, runs=None, groups=None):
+    def __init__(self, per_layer, index=None, groups=None):
         self.per_layer = per_layer  # layer -> (keys, values), each (I, H, N, d)
         self.index = index  # (B,) image of every text, or None: text b uses image b
-        # At most one of: rows start:end all use `image` [(image, start, end)] (evaluation,
-        # masks allowed), or QueryGroups of `index` (training, one attention call, no mask).
-        self.runs = runs
-        self.groups = groups
+        self.groups = groups  # QueryGroups of `index`, or None
 
     def select(self, index):
         return ImageKeyValues(self.per_layer, index)
-
-    def select_runs(self, index):
-        """As `select`, for an index whose equal entries are adjacent (rows grouped by image).
-        Attention then runs once per group against that image's keys/values, broadcast to the
-        group's rows instead of copied per row (`KeyValueRuns`). Synchronises (reads `index`)."""
-        images, counts = torch.unique_consecutive(index, return_counts=True)
-        ends = counts.cumsum(0).tolist()
-        starts = [0] + ends[:-1]
-        return ImageKeyValues(self.per_layer, index,
-                              list(zip(images.tolist(), starts, ends)))
 
     def select_grouped(self, index):
         """Like `select`, but an unmasked cross-attention gathers the texts' queries per image
@@ -143,39 +130,13 @@ class ImageKeyValues:
     def layer(self, i):
         """(keys, values) of fusion layer i for every text: gathered here, so a caller that
         defers this call (see BertEncoder) keeps only the per-image tensors alive. After
-        `select_runs`, a `KeyValueRuns` instead (nothing gathered)."""
+        `select_grouped`, a `GroupedKeyValues` instead (nothing gathered)."""
         keys, values = self.per_layer[i]
-        if self.runs is not None:
-            return KeyValueRuns(keys, values, self.index, self.runs)
         if self.groups is not None:
             return GroupedKeyValues(keys, values, self.index, self.groups)
         if self.index is None:
             return keys, values
         return keys[self.index], values[self.index]
-
-
-class KeyValueRuns:
-    """One fusion layer's per-image keys/values (I, H, N, d) for rows grouped into runs that
-    share an image; `attention` equals attention against the gathered keys/values up to float
-    rounding, without the (B, H, N, d) copies."""
-
-    def __init__(self, keys, values, index, runs):
-        self.keys, self.values, self.index, self.runs = keys, values, index, runs
-
-    def gathered(self):
-        return self.keys[self.index], self.values[self.index]
-
-    def attention(self, q, mask=None, dropout_p=0.0):
-        """Scaled dot-product attention of queries q (B, H, L, d); mask (B, 1, 1|L, N) or None."""
-        context = q.new_empty(q.shape[:-1] + (self.values.size(-1),))
-        for image, start, end in self.runs:
-            n = end - start
-            keys = self.keys[image:image + 1].expand(n, -1, -1, -1)
-            values = self.values[image:image + 1].expand(n, -1, -1, -1)
-            context[start:end] = F.scaled_dot_product_attention(
-                q[start:end], keys, values,
-                attn_mask=None if mask is None else mask[start:end], dropout_p=dropout_p)
-        return context
 
 
 class QueryGroups:
@@ -315,13 +276,6 @@ class BertSelfAttention(AttentionRecorder, nn.Module):
             mask = mask.to(q.dtype)
             if rows is not None and mask.size(-2) > 1:  # a per-query (causal) mask
                 mask = mask[:, :, rows]
-        if isinstance(source, KeyValueRuns):
-            if not self.save_attention:
-                context = source.attention(
-                    q, mask, dropout_p=self.dropout.p if self.training else 0.0)
-                B, H, L, d = context.shape
-                return context.transpose(1, 2).reshape(B, L, H * d)
-            source = source.gathered()
         k, v = source if isinstance(source, tuple) else self.key_values(source)
         if self.save_attention and self.is_cross_attention:
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.attention_head_size)

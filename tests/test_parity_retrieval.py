@@ -325,14 +325,15 @@ def test_fast_path_equals_plain_on_padded_captions_of_varied_length(fixture, fus
 
 @torch.no_grad()
 def test_grouped_key_values_and_cls_rows_equal_the_full_computation(fixture):
-    """The fast path's building blocks in xbert: attention against `select_runs` (per-image
-    keys/values broadcast to runs of rows) equals attention against `select` (gathered), and a
+    """The fast path's building blocks in xbert: attention against `select_grouped` (each
+    image's rows' queries stacked against its keys/values) equals attention against `select`
+    (gathered), and a
     layer's `rows` output equals the full output at those positions."""
     model = random_tiny_model(fixture, seed=5)
     bert = model.text_encoder
     gen = torch.Generator().manual_seed(6)
     image_embeds = torch.randn(3, 9, bert.config.encoder_width, generator=gen)
-    index = torch.tensor([2, 2, 0, 1, 1, 1, 2])  # runs, an image may come back
+    index = torch.tensor([2, 2, 0, 1, 1, 1, 2])  # unsorted, an image may come back
     hidden = torch.randn(7, 5, bert.config.hidden_size, generator=gen)
     atts = torch.ones(7, 5, dtype=torch.long)
     atts[1, 3:] = 0
@@ -340,12 +341,12 @@ def test_grouped_key_values_and_cls_rows_equal_the_full_computation(fixture):
     mask = extended_attention_mask(atts, hidden.dtype)
     layer = bert.encoder.layer[bert.config.fusion_layer]
     gathered = bert.image_key_values(image_embeds).select(index)
-    runs = bert.image_key_values(image_embeds).select_runs(index)
-    assert [r[0] for r in runs.runs] == [2, 0, 1, 2]
+    groups = bert.image_key_values(image_embeds).select_grouped(index)
+    assert groups.groups.per_image == 3 and sorted(groups.groups.slot.tolist()) == [0, 3, 4, 5, 6, 7, 8]
     full = layer(hidden, mask, gathered.layer(layer.layer_num))
-    grouped = layer(hidden, mask, runs.layer(layer.layer_num))
+    grouped = layer(hidden, mask, groups.layer(layer.layer_num))
     assert (full - grouped).abs().max() < 1e-5
-    cls = layer(hidden, mask, runs.layer(layer.layer_num), rows=slice(0, 1))
+    cls = layer(hidden, mask, groups.layer(layer.layer_num), rows=slice(0, 1))
     assert cls.shape == (7, 1, bert.config.hidden_size)
     assert (cls - full[:, :1]).abs().max() < 1e-5
     attention = layer.attention(hidden, mask)
