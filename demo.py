@@ -67,11 +67,12 @@ def stage_init(ctx):
     vit, bert = config['init_deit'], config['text_encoder']
     if os.path.isfile(vit) and os.path.isfile(os.path.join(bert, 'config.json')):
         return {'reused': [vit, bert]}
-    if os.path.dirname(vit) != bert.rstrip('/').rsplit('/', 1)[0]:
+    folder = os.path.dirname(vit)  # tools/unimodal_init.py writes <out>/vit.pth and <out>/bert
+    if os.path.normpath(bert) != os.path.join(folder, 'bert'):
         raise ValueError(f'{CONFIGS}/Pretrain.yaml: init_deit {vit!r} and text_encoder {bert!r} '
                          'must be <folder>/vit.pth and <folder>/bert')
     return unimodal_init.main(['--config', os.path.join(CONFIGS, 'Pretrain.yaml'),
-                               '--out', os.path.dirname(vit), '--device', ctx.device,
+                               '--out', folder, '--device', ctx.device,
                                '--seed', str(ctx.seed), *UNIMODAL_INIT])
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from models.albef_base import concat_all_gather
 from models.xbert import extended_attention_mask
 
 
@@ -51,17 +52,11 @@ def encode_images(model, images):
     return torch.cat(embeds), torch.cat(feats)
 
 
-def _gather_padded(tensors, rows, world_size):
-    """all_gather of per-rank tensors padded to `rows` rows; returns the list of every rank's
-    (padded) tensor, in rank order."""
-    out = []
-    for t in tensors:
-        padded = t.new_zeros((rows,) + t.shape[1:])
-        padded[:t.size(0)] = t
-        parts = [torch.empty_like(padded) for _ in range(world_size)]
-        dist.all_gather(parts, padded.contiguous())
-        out.append(parts)
-    return out
+def _gather_padded(tensor, rows):
+    """Every rank's `tensor` padded to `rows` rows, concatenated in rank order (W * rows, ...)."""
+    padded = tensor.new_zeros((rows,) + tensor.shape[1:])
+    padded[:tensor.size(0)] = tensor
+    return concat_all_gather(padded)
 
 
 @torch.no_grad()
@@ -75,8 +70,8 @@ def encode_texts_sharded(model, text_ids, text_atts, rank, world_size, batch_siz
         embeds, feats = encode_texts(model, text_ids[start:end], text_atts[start:end], batch_size)
     else:  # an empty shard still takes part in the gather, with the right shapes
         embeds, feats = (t[:0] for t in encode_texts(model, text_ids[:1], text_atts[:1]))
-    gathered = _gather_padded((embeds, feats), share, world_size)
-    return tuple(torch.cat(parts)[:total] for parts in gathered)
+    # Only the last shards can be short, so the padding all sits after the last caption.
+    return _gather_padded(embeds, share)[:total], _gather_padded(feats, share)[:total]
 
 
 @torch.no_grad()
@@ -102,7 +97,8 @@ def encode_images_sharded(model, images, rank, world_size):
     for round_number, first in enumerate(range(0, len(sizes), world_size)):
         # This round gathers batch first + r from every rank r (an empty one past the end).
         own = mine[round_number] if first + rank < len(sizes) else empty
-        parts_embeds, parts_feats = _gather_padded(own, rows, world_size)
+        parts_embeds, parts_feats = (_gather_padded(t, rows).unflatten(0, (world_size, rows))
+                                     for t in own)
         for r, b in enumerate(range(first, min(first + world_size, len(sizes)))):
             embeds.append(parts_embeds[r][:sizes[b]])
             feats.append(parts_feats[r][:sizes[b]])
