@@ -113,8 +113,8 @@ def stage_nlvr_pretrain(ctx):
 def stage_nlvr(ctx):
     import NLVR
     from dataset.baselines import classification_baselines
-    ta = os.path.join(ctx.out('nlvr_pretrain'), 'checkpoint_00.pth')
-    result = NLVR.main(ctx.args('NLVR.yaml', 'nlvr', '--checkpoint', ta))
+    result = NLVR.main(ctx.args('NLVR.yaml', 'nlvr', '--checkpoint',
+                                ctx.pretrained('nlvr_pretrain')))
     levels = classification_baselines(read_json('nlvr_train.json'), read_json('nlvr_test.json'))
     return {'metric': 'test accuracy', 'value': result['test_acc'], **levels,
             'details': result}
@@ -154,13 +154,13 @@ def stage_report(ctx):
 STAGES = [
     ('data', 10, stage_data),
     ('init', 90, stage_init),
-    ('pretrain', 240, stage_pretrain),
-    ('retrieval', 60, stage_retrieval),
-    ('vqa', 60, stage_vqa),
-    ('nlvr_pretrain', 40, stage_nlvr_pretrain),
-    ('nlvr', 50, stage_nlvr),
+    ('pretrain', 170, stage_pretrain),
+    ('retrieval', 50, stage_retrieval),
+    ('vqa', 55, stage_vqa),
+    ('nlvr_pretrain', 30, stage_nlvr_pretrain),
+    ('nlvr', 130, stage_nlvr),
     ('ve', 40, stage_ve),
-    ('grounding', 60, stage_grounding),
+    ('grounding', 30, stage_grounding),
     ('report', 10, stage_report),
 ]
 TASKS = ('retrieval', 'vqa', 'nlvr', 've', 'grounding')
@@ -184,12 +184,12 @@ class Context:
         return ['--config', os.path.join(CONFIGS, config), '--output_dir', self.out(stage),
                 '--device', self.device, '--seed', str(self.seed), *extra]
 
-    def pretrained(self):
-        """The last epoch-end pre-training checkpoint (step checkpoints are for resuming)."""
+    def pretrained(self, stage='pretrain'):
+        """A pre-training stage's last epoch-end checkpoint (step checkpoints are for resuming)."""
         import resume
-        ends = [p for p in resume.checkpoints(self.out('pretrain')) if '_step' not in p]
+        ends = [p for p in resume.checkpoints(self.out(stage)) if '_step' not in p]
         if not ends:
-            raise FileNotFoundError(f'no pre-training checkpoint in {self.out("pretrain")}')
+            raise FileNotFoundError(f'no {stage} checkpoint in {self.out(stage)}')
         return ends[0]
 
     def gradcam_block(self):

@@ -161,11 +161,11 @@ def render(scene, side):
     return image
 
 
-def scene_with(rng, side, present, shape, color=None):
-    """A random scene that has (`present`) or lacks an object of this shape (and colour)."""
+def scene_with(rng, side, present, shape=None, color=None):
+    """A random scene that has (`present`) or lacks an object of this shape and/or colour."""
     if present:
         return sample_scene(rng, side, include=[{'shape': shape, 'color': color}])
-    return sample_scene(rng, side, forbid=lambda s, c, z: s == shape and color in (None, c))
+    return sample_scene(rng, side, forbid=lambda s, c, z: shape in (None, s) and color in (None, c))
 
 
 def relation(a, b, axis):
@@ -342,10 +342,10 @@ def _nlvr_pair(rng, side, label):
         named, other = scene_with(rng, side, label, shape, color), sample_scene(rng, side)
         pair = (named, other) if kind == 0 else (other, named)
         return f'The {("left", "right")[kind]} image contains {_a(color)} {shape}.', *pair
-    if kind == 2:  # both images contain a shape
+    if kind == 2:  # both images contain something of a colour
         present = (True, True) if label else rng.choice([(True, False), (False, True), (False, False)])
-        left, right = (scene_with(rng, side, p, shape) for p in present)
-        return f'Both images contain a {shape}.', left, right
+        left, right = (scene_with(rng, side, p, color=color) for p in present)
+        return f'Both images contain {_a(color)} shape.', left, right
     # kind 3: compare the numbers of shapes
     counts = [(a, b) for a in range(1, 5) for b in range(1, 5) if (a > b) == label]
     n_left, n_right = rng.choice(counts)
@@ -524,10 +524,15 @@ def resolve_sizes(size='small', **sizes):
     return {**SIZE_PRESETS[size], **sizes}
 
 
+# Raised whenever the generator writes different data for the same arguments, so that folders
+# written by an older one are not taken for the data wanted.
+GENERATOR_VERSION = 2
+
+
 def manifest(seed=0, size='small', image_size=96, sizes=None):
     """What a generated folder holds (written last, as manifest.json): compare it to decide
     whether an existing folder is the data wanted."""
-    return {'seed': seed, 'size': size, 'image_size': image_size,
+    return {'version': GENERATOR_VERSION, 'seed': seed, 'size': size, 'image_size': image_size,
             'sizes': sizes if sizes is not None else resolve_sizes(size)}
 
 

@@ -273,11 +273,34 @@ def test_vqa_and_ve_labels_agree_with_the_scene():
         assert holds == (label == 'entailment')
 
 
+
+def test_nlvr_labels_agree_with_the_two_scenes():
+    """Re-derive the truth of every statement kind from the sampled pair of scenes."""
+    rng = random.Random(0)
+    seen = collections.Counter()
+    for i in range(400):
+        label = i % 2 == 0
+        sentence, left, right = synthetic._nlvr_pair(rng, 96, label)
+        words = sentence.lower().rstrip('.').split()
+        has = lambda scene, **want: any(all(getattr(o, k) == v for k, v in want.items())
+                                        for o in scene.objects)
+        if words[0] == 'both':  # "both images contain a <colour> shape"
+            truth, kind = has(left, color=words[-2]) and has(right, color=words[-2]), 'both'
+        elif words[0] == 'there':  # "there are more shapes in the left image than in the right"
+            truth, kind = len(left.objects) > len(right.objects), 'more'
+        else:  # "the left/right image contains a <colour> <shape>"
+            named = left if words[1] == 'left' else right
+            truth, kind = has(named, color=words[-2], shape=words[-1]), words[1]
+        assert truth == label, sentence
+        seen[kind, label] += 1
+    assert set(seen) == {(k, b) for k in ('left', 'right', 'both', 'more') for b in (True, False)}
+
 def test_manifest_names_what_was_generated(out):
     folder, _ = out
     written = load(folder, 'manifest')
     assert written == synthetic.manifest(seed=0, **SIZES)
     assert written['sizes']['vqa_train'] == synthetic.SIZE_PRESETS['tiny']['vqa_train']
     assert written != synthetic.manifest(seed=1, **SIZES)
+    assert written['version'] == synthetic.GENERATOR_VERSION
     assert written != synthetic.manifest(seed=0, size='tiny', image_size=64, sizes={
         **synthetic.SIZE_PRESETS['tiny'], 'vqa_train': 41})
