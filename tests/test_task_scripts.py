@@ -25,7 +25,8 @@ def setup(tmp_path_factory):
     configs = {
         've': tiny_config('VE.yaml', data, data / 've.yaml', batch_size_train=8,
                           batch_size_test=16, **one_epoch),
-        'ta': tiny_config('NLVR_pretrain.yaml', data, data / 'ta.yaml', batch_size=8),
+        'ta': tiny_config('NLVR_pretrain.yaml', data, data / 'ta.yaml', batch_size=8,
+                          **one_epoch),
         'nlvr': tiny_config('NLVR.yaml', data, data / 'nlvr.yaml', batch_size=8, **one_epoch),
         'vqa': tiny_config('VQA.yaml', data, data / 'vqa.yaml', batch_size_train=8,
                            batch_size_test=4, k_test=4, **one_epoch),
