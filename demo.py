@@ -14,10 +14,12 @@ next to the chance level and a text-only baseline estimated on the training spli
 training logs, Grad-CAM overlays, and every stage's own output folder.
 
 A finished stage leaves stages/<name>.json; running the command again skips it, and an
-interrupted pre-training continues from its last epoch checkpoint.
+interrupted pre-training continues from its last epoch checkpoint. After a change to
+configs/tiny or to the data spec, finished stages are stale and run again.
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -289,6 +291,40 @@ def in_directory(path):
         os.chdir(previous)
 
 
+def settings_fingerprint(seed):
+    """A digest of what the results depend on besides the code: the data spec (with the
+    generator's version), the unimodal-init arguments, the seed and every file of configs/tiny."""
+    from dataset.synthetic import manifest
+    digest = hashlib.sha256(json.dumps([manifest(**DATA_SPEC), UNIMODAL_INIT, seed]).encode())
+    for name in sorted(os.listdir(CONFIGS)):
+        with open(os.path.join(CONFIGS, name), 'rb') as f:
+            digest.update(name.encode() + b'\0' + f.read())
+    return digest.hexdigest()
+
+
+def forget_stale_stages(ctx, done_dir, fingerprint):
+    """Finished stages count only for the settings they ran with: after a change of the data
+    spec or of configs/tiny, their markers and output folders are removed and they run again
+    (an interrupted run with unchanged settings keeps them)."""
+    path = os.path.join(done_dir, 'settings.sha256')
+    previous = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            previous = f.read().strip()
+    markers = [name for name, _, _ in STAGES
+               if os.path.isfile(os.path.join(done_dir, f'{name}.json'))]
+    if previous != fingerprint and (markers or previous is not None):
+        import shutil
+        print(f'[demo] the data spec or {CONFIGS} changed since the stages in {done_dir} ran: '
+              f'running them again', flush=True)
+        for name, _, _ in STAGES:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(done_dir, f'{name}.json'))
+            shutil.rmtree(ctx.out(name), ignore_errors=True)
+    with open(path, 'w') as f:
+        f.write(fingerprint + '\n')
+
+
 def run(output_dir, device, seed=42, stages=None, workdir=ROOT):
     """Run (or continue) the demo; returns the results dict also written to results.json.
 
@@ -305,6 +341,7 @@ def run(output_dir, device, seed=42, stages=None, workdir=ROOT):
     with in_directory(workdir):
         if ROOT not in sys.path:
             sys.path.insert(0, ROOT)
+        forget_stale_stages(ctx, done_dir, settings_fingerprint(seed))
         for number, (name, expected, function) in enumerate(selected, 1):
             marker = os.path.join(done_dir, f'{name}.json')
             if os.path.isfile(marker):

@@ -1,6 +1,7 @@
 """demo.py end to end on the tiny synthetic preset with a tiny model (one epoch per stage), its
 resumption, and the chance / text-only reference levels of dataset/baselines.py."""
 import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -81,6 +82,27 @@ def test_demo_continues_after_a_lost_stage(workdir, tmp_path):
     assert again['pretrain']['seconds'] == json.loads(
         (out / 'stages' / 'pretrain.json').read_text())['seconds']  # not re-run
 
+
+
+def test_demo_runs_stages_again_after_the_settings_change(workdir, tmp_path, capsys):
+    work = tmp_path / 'work'
+    shutil.copytree(workdir / 'configs', work / 'configs')  # a private copy to edit
+    (work / 'data').symlink_to(workdir / 'data', target_is_directory=True)
+    out = tmp_path / 'demo'
+    demo.run(out, 'cpu', workdir=work, stages=['data', 'init'])
+    (out / 'init' / 'kept.txt').parent.mkdir(exist_ok=True)
+    (out / 'init' / 'kept.txt').write_text('written by the finished run')
+    demo.run(out, 'cpu', workdir=work, stages=['data', 'init'])
+    assert capsys.readouterr().out.count('done before, skipped') == 2
+    assert (out / 'init' / 'kept.txt').is_file()  # same settings: nothing removed
+
+    ve = work / 'configs' / 'tiny' / 'VE.yaml'
+    ve.write_text(ve.read_text() + '\n# edited\n')
+    demo.run(out, 'cpu', workdir=work, stages=['data', 'init'])
+    log = capsys.readouterr().out
+    assert 'changed since the stages' in log and 'done before, skipped' not in log
+    assert not (out / 'init' / 'kept.txt').exists()  # the stale stage's folder was removed
+    assert (out / 'stages' / 'init.json').is_file()
 
 def test_retrieval_chance_matches_a_direct_count():
     # 2 images with 2 captions each among 4 texts: image->text R@1 = 2/4, R@5 = 1; text->image
