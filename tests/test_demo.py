@@ -104,6 +104,15 @@ def test_demo_runs_stages_again_after_the_settings_change(workdir, tmp_path, cap
     assert not (out / 'init' / 'kept.txt').exists()  # the stale stage's folder was removed
     assert (out / 'stages' / 'init.json').is_file()
 
+
+def test_eta_ignores_stages_that_reused_files(workdir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, 'STAGES', [('a', 100, lambda ctx: {'reused': 'files'}),
+                                         ('b', 200, lambda ctx: {})])
+    demo.run(tmp_path / 'demo', 'cpu', workdir=workdir)
+    log = capsys.readouterr().out
+    # the instant reuse of stage a must not make the machine look 100x faster than expected
+    assert 'stage 2/2 b | elapsed 0m00s | ETA 3m20s' in log
+
 def test_retrieval_chance_matches_a_direct_count():
     # 2 images with 2 captions each among 4 texts: image->text R@1 = 2/4, R@5 = 1; text->image
     # R@1 = 1/2.
