@@ -162,6 +162,16 @@ def candidate_pairs(sims, k_test):
     return pairs, i2t_codes, t2i_codes
 
 
+def _length_batches(order, lengths, batch, full_width, trim_padding):
+    """(rows, width) of consecutive `batch`-sized slices of `order` (indices sorted by
+    `lengths`, ascending): width is the slice's longest length when `trim_padding`, else
+    `full_width`."""
+    widths = lengths[order].tolist()
+    for start in range(0, order.numel(), batch):
+        rows = order[start:start + batch]
+        yield rows, widths[start + rows.numel() - 1] if trim_padding else full_width
+
+
 def _first_fusion_attention(layer, text_embeds, text_atts, lengths, batch, trim_padding):
     """Self-attention output (U, L, D) of the first fusion layer for U texts: its input is the
     text encoder's output, so it does not depend on the image and is computed once per text.
@@ -169,10 +179,7 @@ def _first_fusion_attention(layer, text_embeds, text_atts, lengths, batch, trim_
     `trim_padding`; positions beyond a text's batch width stay 0 (padding, never attended)."""
     out = torch.zeros_like(text_embeds)
     order = torch.argsort(lengths, stable=True)
-    widths = lengths[order].tolist()
-    for start in range(0, order.numel(), batch):
-        rows = order[start:start + batch]
-        width = widths[min(start + batch, order.numel()) - 1] if trim_padding else out.size(1)
+    for rows, width in _length_batches(order, lengths, batch, out.size(1), trim_padding):
         atts = text_atts[rows, :width]
         out[rows, :width] = layer.attention(text_embeds[rows, :width],
                                             extended_attention_mask(atts, out.dtype))
@@ -225,11 +232,8 @@ def score_pairs(model, image_embeds, text_embeds, text_atts, image_idx, text_idx
         key_values = model.text_encoder.image_key_values(image_embeds[first:first + image_batch])
         local_image = image_idx[lo:hi] - first
         order = lo + torch.argsort(pair_len[lo:hi] * image_batch + local_image, stable=True)
-        widths = pair_len[order].tolist()
-        for start in range(0, hi - lo, pair_batch):
-            sel = order[start:start + pair_batch]
-            width = widths[min(start + pair_batch, hi - lo) - 1] if trim_padding \
-                else text_atts.size(1)
+        for sel, width in _length_batches(order, pair_len, pair_batch, text_atts.size(1),
+                                          trim_padding):
             cls = _fusion_cls(encoder, first_attention[pair_text[sel], :width],
                               text_atts[text_idx[sel], :width],
                               key_values.select_grouped(image_idx[sel] - first))
