@@ -47,10 +47,14 @@ def stage_data(ctx):
     path = os.path.join(DATA, 'manifest.json')
     if os.path.isfile(path):
         with open(path) as f:
-            if json.load(f) == manifest(**DATA_SPEC):
-                return {'reused': DATA}
-    # Absent, or another seed / size / version: write it (again); weights made from other data
-    # (data/synthetic/init) are stale.
+            try:
+                written = json.load(f)
+            except ValueError:  # a damaged manifest: the folder is not known to be the data
+                written = None
+        if written == manifest(**DATA_SPEC):
+            return {'reused': DATA}
+    # Absent, unreadable, or another seed / size / version: write it (again); weights made from
+    # other data (data/synthetic/init) are stale.
     import shutil
     shutil.rmtree(os.path.join(DATA, 'init'), ignore_errors=True)
     generate(DATA, **DATA_SPEC)

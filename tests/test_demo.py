@@ -105,6 +105,18 @@ def test_demo_runs_stages_again_after_the_settings_change(workdir, tmp_path, cap
     assert (out / 'stages' / 'init.json').is_file()
 
 
+
+def test_data_stage_regenerates_a_folder_with_a_damaged_manifest(tmp_path):
+    with demo.in_directory(tmp_path):
+        assert demo.stage_data(None) == {}  # absent: written
+        assert demo.stage_data(None) == {'reused': demo.DATA}
+        manifest = tmp_path / demo.DATA / 'manifest.json'
+        manifest.write_text('{"seed": 0, "si')  # cut off mid-write
+        (tmp_path / demo.DATA / 'init').mkdir()
+        assert demo.stage_data(None) == {}
+        assert json.loads(manifest.read_text())['seed'] == 0
+        assert not (tmp_path / demo.DATA / 'init').exists()  # weights of unknown data dropped
+
 def test_eta_ignores_stages_that_reused_files(workdir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, 'STAGES', [('a', 100, lambda ctx: {'reused': 'files'}),
                                          ('b', 200, lambda ctx: {})])
