@@ -278,12 +278,14 @@ def test_nlvr_labels_agree_with_the_two_scenes():
     """Re-derive the truth of every statement kind from the sampled pair of scenes."""
     rng = random.Random(0)
     seen = collections.Counter()
+
+    def has(scene, **want):
+        return any(all(getattr(o, k) == v for k, v in want.items()) for o in scene.objects)
+
     for i in range(400):
         label = i % 2 == 0
         sentence, left, right = synthetic._nlvr_pair(rng, 96, label)
         words = sentence.lower().rstrip('.').split()
-        has = lambda scene, **want: any(all(getattr(o, k) == v for k, v in want.items())
-                                        for o in scene.objects)
         if words[0] == 'both':  # "both images contain a <colour> shape"
             truth, kind = has(left, color=words[-2]) and has(right, color=words[-2]), 'both'
         elif words[0] == 'there':  # "there are more shapes in the left image than in the right"
