@@ -15,37 +15,40 @@ On the synthetic data (the tiny BERT's last fusion layer is 3):
 """
 import json
 import logging
-import os
 
-import torch
-
-import config_schema
-import resume
+import engine
 import utils
-from dataset import create_dataset, create_loader, create_sampler
+from dataset import create_dataset
 from dataset.grounding_dataset import load_refer
 from dataset.grounding_eval import grounding_eval
-from engine import train_one_epoch
-from models.checkpoint import load_retrieval_checkpoint
 from models.gradcam import gradcam
 from models.model_retrieval import ALBEF
 from models.tokenization_bert import BertTokenizer
-from optim import create_optimizer
-from scheduler import create_scheduler
-from Retrieval import make_train_step
 
 logger = logging.getLogger('albef.grounding')
 
 
-def localise(model, data_loader, tokenizer, device, mode, block_num):
+def make_train_step(tokenizer, device):
+    """Retrieval's training on (image, expression, image id): ITC with image ids as positives,
+    ITM with hard negatives."""
+    def train_step(model, batch, alpha):
+        image, expressions, image_ids = batch
+        text = tokenizer(list(expressions), padding='longest', return_tensors='pt').to(device)
+        return dict(zip(('loss_ita', 'loss_itm'), model(image.to(device), text, alpha=alpha,
+                                                        idx=image_ids.to(device))))
+    return train_step
+
+
+def localise(model, data_loader, tokenizer, device, mode, block_num, print_freq=50):
     """Grad-CAM map (on the patch grid) of every test expression: [{'ref_id', 'pred'}]."""
     model.eval()
     results = []
-    for image, text, ref_ids in data_loader:
+    metric_logger = utils.MetricLogger(delimiter='  ')
+    for image, text, ref_ids in metric_logger.log_every(data_loader, print_freq, 'Grad-CAM:'):
         text_input = tokenizer(list(text), padding='longest', return_tensors='pt').to(device)
         cam = gradcam(model, image.to(device), text_input.input_ids, text_input.attention_mask,
                       mode=mode, block_num=block_num)
-        results += [{'ref_id': int(ref_id), 'pred': cam_map.cpu()}
+        results += [{'ref_id': int(ref_id), 'pred': cam_map.float().cpu()}
                     for ref_id, cam_map in zip(ref_ids, cam.maps)]
     model.zero_grad(set_to_none=True)
     # The distributed sampler pads with duplicates: keep each expression once.
@@ -56,82 +59,40 @@ def localise(model, data_loader, tokenizer, device, mode, block_num):
 
 
 def main(argv=None):
-    parser = utils.get_args_parser('ALBEF weakly-supervised grounding')
-    parser.add_argument('--gradcam_mode', default='itm', choices=['itm', 'itc'])
+    parser = utils.get_args_parser(__doc__)
+    parser.add_argument('--gradcam_mode', default='itm', choices=['itm', 'itc'],
+                        help='Grad-CAM of the ITM score (text-encoder cross-attention) or of the '
+                             'ITC similarity (ViT self-attention)')
     parser.add_argument('--block_num', default=8, type=int,
                         help='text-encoder layer (itm) or ViT block (itc) whose attention is used')
-    parser.add_argument('--evaluate', action='store_true', help='only evaluate --checkpoint')
-    resume.add_argument(parser)
     args = parser.parse_args(argv)
-    utils.init_distributed_mode(args)
-    config = config_schema.load_task_config(args, 'grounding')
-    os.makedirs(args.output_dir, exist_ok=True)
-    utils.setup_logging(args.output_dir)
-    device = torch.device(args.device)
-    utils.set_seed(args.seed)
-    if utils.is_main_process():
-        utils.save_config(config, os.path.join(args.output_dir, 'config.yaml'))
+    run = engine.setup(args, 'grounding')
+    config = run.config
 
     train_set, test_set = create_dataset('grounding', config)
-    train_loader = resume.train_loader(train_set, config['batch_size'], config['num_workers'],
-                                       seed=args.seed)
-    samplers = (create_sampler([test_set], [False], utils.get_world_size(), utils.get_rank())
-                if args.distributed else [None])
-    test_loader, = create_loader([test_set], samplers, batch_size=[config['batch_size']],
-                                 num_workers=[config['num_workers']], is_trains=[False],
-                                 collate_fns=[None])
+    train_loader = run.train_loader(train_set, config['batch_size'])
+    test_loader, = run.eval_loaders([test_set], config['batch_size'])
     refer = load_refer(config['refcoco_data'], 'refcoco+', 'unc')
     with open(config['det_file'], encoding='utf-8') as f:
         dets = json.load(f)
 
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
-    model = ALBEF(config=config, text_encoder=config['text_encoder'], tokenizer=tokenizer)
-    model = model.to(device)
-    optimizer = create_optimizer(config['optimizer'], model)
-    lr_scheduler = create_scheduler(config['schedular'], optimizer)
-    run = resume.TrainingRun(args.output_dir, config, model, optimizer, lr_scheduler, train_loader,
-                             kind='retrieval', evaluates=True)
-    start_epoch = run.resume() if args.resume and not args.evaluate else 0
-    if args.checkpoint and not run.resumed_from:
-        load_retrieval_checkpoint(model, args.checkpoint)
-    model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+    model = run.prepare(ALBEF(config=config, text_encoder=config['text_encoder'],
+                              tokenizer=tokenizer), train_loader)
+    train_step = make_train_step(tokenizer, run.device)
 
-    max_epoch = config['schedular']['epochs']
-    warmup_epochs = config['schedular']['warmup_epochs']
-    train_step = make_train_step(tokenizer, device)
     accuracy = None
-    for epoch in range(start_epoch, 1 if args.evaluate else max_epoch):
-        train_stats = {}
-        if not args.evaluate:
-            train_stats = run.train_epoch(epoch, lambda start_step: train_one_epoch(
-                model, train_loader, optimizer, lr_scheduler, epoch, device, config, train_step,
-                warmup_steps=100 * warmup_epochs, warm_up=config['warm_up'],
-                print_freq=config['print_freq'], stats_fmt=None, start_step=start_step, hooks=run))
-        results = localise(model_without_ddp, test_loader, tokenizer, device, args.gradcam_mode,
-                           args.block_num)
+    for epoch in run.epochs():
+        train_stats = run.train_epoch(epoch, train_step)
+        with run.autocast():
+            results = localise(model, test_loader, tokenizer, run.device, args.gradcam_mode,
+                               args.block_num, config['print_freq'])
         accuracy = grounding_eval(results, dets, refer, alpha=0.5)
         logger.info('epoch %d grounding accuracy %s', epoch, accuracy)
-        utils.append_log(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
-                                           **accuracy, 'epoch': epoch})
-        if not args.evaluate:
-            # every rank scores the same merged maps
-            if run.improved(epoch, accuracy['val_d']):
-                utils.save_checkpoint({'model': model_without_ddp.state_dict(),
-                                       'optimizer': optimizer.state_dict(),
-                                       'lr_scheduler': lr_scheduler.state_dict(),
-                                       'config': config, 'epoch': epoch},
-                                      os.path.join(args.output_dir, 'checkpoint_best.pth'))
-            lr_scheduler.step(epoch + warmup_epochs + 1)
-            run.end_epoch(epoch)
-        utils.barrier()
-
-    if run.best_epoch is not None:
-        logger.info('best epoch: %d (val_d %.4f)', run.best_epoch, run.best_value)
-        utils.append_log(args.output_dir, {'best_epoch': run.best_epoch})
-    utils.destroy_distributed()
+        run.log(epoch, train_stats, **accuracy)
+        # every rank scores the same merged maps
+        run.end_epoch(epoch, metric=accuracy['val_d'], best_file='checkpoint_best.pth')
+    run.finish('val_d')
     return {'accuracy': accuracy, 'best_epoch': run.best_epoch}
 
 

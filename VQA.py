@@ -1,4 +1,4 @@
-"""VQA fine-tuning and answer ranking (paper section 5.1, spec 8.5).
+"""VQA fine-tuning and answer ranking (paper section 5.1).
 
 Fine-tunes the answer decoder, then answers the test questions by ranking `answer_list` and
 writes `result/vqa_result_epoch{E}.json` in the evaluation server's format
@@ -26,23 +26,18 @@ import os
 
 import torch
 
-import config_schema
-import resume
+import engine
 import utils
-from dataset import create_dataset, create_loader, create_sampler, vqa_collate_fn
+from dataset import create_dataset, vqa_collate_fn
 from dataset.transforms import create_transform
 from dataset.vqa_dataset import vqa_dataset
 from dataset.vqa_eval import vqa_accuracy
-from engine import train_one_epoch
-from models.checkpoint import load_checkpoint, load_for_finetuning
 from models.model_vqa import ALBEF
 from models.tokenization_bert import BertTokenizer
-from optim import create_optimizer
-from scheduler import create_scheduler
 
 logger = logging.getLogger('albef.vqa')
 
-MAX_QUESTION_TOKENS = 25  # training questions only; test questions are not truncated (spec 3)
+MAX_QUESTION_TOKENS = 25  # training questions only; test questions are not truncated
 TOPK_KEPT = 5  # answers (with scores) kept per question in the *_topk.json file
 
 
@@ -115,23 +110,12 @@ def save_results(results, result_dir, name):
 
 
 def main(argv=None):
-    parser = utils.get_args_parser('ALBEF visual question answering')
-    parser.add_argument('--evaluate', action='store_true',
-                        help='only answer the questions with the fine-tuned --checkpoint')
+    parser = utils.get_args_parser(__doc__)
     parser.add_argument('--text_decoder', default=None,
                         help="BERT weights of the answer decoder; overrides the config's text_decoder")
-    resume.add_argument(parser)
     args = parser.parse_args(argv)
-    if args.evaluate and not args.checkpoint:
-        parser.error('--evaluate needs --checkpoint (a fine-tuned VQA checkpoint)')
-    utils.init_distributed_mode(args)
-    config = config_schema.load_task_config(args, 'vqa')
-    os.makedirs(args.output_dir, exist_ok=True)
-    utils.setup_logging(args.output_dir)
-    device = torch.device(args.device)
-    utils.set_seed(args.seed)
-    if utils.is_main_process():
-        utils.save_config(config, os.path.join(args.output_dir, 'config.yaml'))
+    run = engine.setup(args, 'vqa')
+    config = run.config
 
     train_set, test_set = create_dataset('vqa', config)
     eval_sets = {'test': test_set}
@@ -140,55 +124,27 @@ def main(argv=None):
                                        create_transform('test', config['image_res']),
                                        config['vqa_root'], config['vg_root'], eos=config['eos'],
                                        split='test', answer_list=config['answer_list'])
-    num_workers, splits = config.get('num_workers', 4), len(eval_sets)
-    train_loader = resume.train_loader(train_set, config['batch_size_train'], num_workers,
-                                       seed=args.seed, collate_fn=vqa_collate_fn)
-    samplers = (create_sampler(list(eval_sets.values()), [False] * splits, utils.get_world_size(),
-                               utils.get_rank()) if args.distributed else [None] * splits)
-    eval_loaders = create_loader(list(eval_sets.values()), samplers,
-                                 batch_size=[config['batch_size_test']] * splits,
-                                 num_workers=[num_workers] * splits, is_trains=[False] * splits,
-                                 collate_fns=[None] * splits)
+    train_loader = run.train_loader(train_set, config['batch_size_train'], collate_fn=vqa_collate_fn)
+    eval_loaders = run.eval_loaders(list(eval_sets.values()), config['batch_size_test'])
 
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
-    model = ALBEF(config=config, text_encoder=config['text_encoder'],
-                  text_decoder=config['text_decoder'], tokenizer=tokenizer)
-    model = model.to(device)
-    optimizer = create_optimizer(config['optimizer'], model)
-    lr_scheduler = create_scheduler(config['schedular'], optimizer)
-    run = resume.TrainingRun(args.output_dir, config, model, optimizer, lr_scheduler, train_loader,
-                             kind='vqa')
-    start_epoch = run.resume() if args.resume and not args.evaluate else 0
-    if args.evaluate:
-        load_checkpoint(model, args.checkpoint, kind='vqa')
-    elif args.checkpoint and not run.resumed_from:
-        load_for_finetuning(model, args.checkpoint, target_kind='vqa')
-    model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+    model = run.prepare(ALBEF(config=config, text_encoder=config['text_encoder'],
+                              text_decoder=config['text_decoder'], tokenizer=tokenizer),
+                        train_loader)
+    train_step = make_train_step(tokenizer, run.device)
 
-    max_epoch = config['schedular']['epochs']
-    warmup_epochs = config['schedular']['warmup_epochs']
-    print_freq = config.get('print_freq', 50)
-    train_step = make_train_step(tokenizer, device)
-    epoch = max(start_epoch - 1, 0)  # the last trained epoch names the result files
-    for epoch in range(start_epoch, 0 if args.evaluate else max_epoch):
-        if epoch > 0:
-            lr_scheduler.step(epoch + warmup_epochs)
-        train_stats = run.train_epoch(epoch, lambda start_step: train_one_epoch(
-            model, train_loader, optimizer, lr_scheduler, epoch, device, config, train_step,
-            warmup_steps=100 * warmup_epochs, warm_up=config['warm_up'], print_freq=print_freq,
-            stats_fmt=None, start_step=start_step, hooks=run))
+    for epoch in run.epochs():  # nothing to train with --evaluate
+        train_stats = run.train_epoch(epoch, train_step)
+        run.log(epoch, train_stats)
         run.end_epoch(epoch)  # checkpoint_NN.pth
-        utils.append_log(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
-                                           'epoch': epoch})
-        utils.barrier()
 
     # The final model answers every evaluation split (the original: the test split only).
-    summary, result_dir = {'epoch': epoch}, os.path.join(args.output_dir, 'result')
+    epoch, result_dir = run.last_epoch, os.path.join(args.output_dir, 'result')
+    summary = {'epoch': epoch}
     for split, loader in zip(eval_sets, eval_loaders):
-        results = answer_questions(model_without_ddp, loader, tokenizer, device, config, print_freq)
+        with run.autocast():
+            results = answer_questions(model, loader, tokenizer, run.device, config,
+                                       config['print_freq'])
         if utils.is_main_process():
             name = f'vqa_result_epoch{epoch}' if split == 'test' else f'vqa_{split}_result_epoch{epoch}'
             summary[f'{split}_result_file'] = save_results(results, result_dir, name)
@@ -197,7 +153,7 @@ def main(argv=None):
             logger.info('%s VQA accuracy: %.4f', split, summary[f'{split}_vqa_acc'])
         utils.barrier()
     utils.append_log(args.output_dir, {k: v for k, v in summary.items() if not k.endswith('_file')})
-    utils.destroy_distributed()
+    run.finish()
     return summary
 
 

@@ -192,8 +192,8 @@ class Context:
 
     def pretrained(self, stage='pretrain'):
         """A pre-training stage's last epoch-end checkpoint (step checkpoints are for resuming)."""
-        import resume
-        ends = [p for p in resume.checkpoints(self.out(stage)) if '_step' not in p]
+        import engine
+        ends = [p for p in engine.checkpoints(self.out(stage)) if '_step' not in p]
         if not ends:
             raise FileNotFoundError(f'no {stage} checkpoint in {self.out(stage)}')
         return ends[0]

@@ -1,6 +1,6 @@
-"""What every task script shares (spec section 8.1): YAML config and `--opts` overrides, the
-common command line, torch.distributed set-up and no-op-safe collectives, seeding, rank-0
-logging, the MetricLogger and atomic checkpoint files. Models never import this module."""
+"""What every task script shares: the config (YAML, every key's default and check, `--opts`),
+the command line, torch.distributed set-up and no-op-safe collectives, seeding, rank-0 logging,
+the MetricLogger and atomic checkpoint files. Models never import this module."""
 import argparse
 import collections
 import copy
@@ -11,12 +11,12 @@ import json
 import logging
 import numbers
 import os
-import pickle
 import random
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,8 +28,17 @@ logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
-# Config
+# Config files
 # ---------------------------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the file, the key and what is allowed."""
+
+
+class UnknownKeyError(ConfigError, KeyError):
+    """An override of a key the config does not have (a KeyError too, as a dict lookup)."""
+    __str__ = ValueError.__str__
+
 
 def _yaml():
     # YAML 1.2 safe loader: `1e-4` is a float (PyYAML's 1.1 resolver would give a string).
@@ -46,10 +55,10 @@ def load_config(path):
         with open(path) as f:
             config = _yaml().load(f)
     except YAMLError as e:
-        raise ValueError(f'config file {path} is not valid YAML: {e}') from e
+        raise ConfigError(f'config file {path} is not valid YAML: {e}') from e
     if not isinstance(config, dict):
-        raise ValueError(f'config file {path} must hold a mapping of keys, '
-                         f'got {type(config).__name__}')
+        raise ConfigError(f'config file {path} must hold a mapping of keys, '
+                          f'got {type(config).__name__}')
     return config
 
 
@@ -60,6 +69,245 @@ def save_config(config, path):
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     with open(path, 'w') as f:
         _yaml().dump(config, f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every config key: type, allowed values, default
+# To add a key: one `Key(...)` line in KEYS (or in a section such as OPTIMIZER); give it a
+# `default` when scripts rely on it being present, list it in REQUIRED for the tasks that cannot
+# run without it.
+# ---------------------------------------------------------------------------------------------
+
+_NO_DEFAULT = object()  # the key is simply absent when not given
+
+TASKS = ('pretrain', 'pretrain_nlvr', 'retrieval', 'grounding', 'vqa', 'nlvr', 've')
+
+
+@dataclass(frozen=True)
+class Key:
+    """types: accepted Python types (int is also accepted for float); choices: allowed values;
+    low/high: inclusive numeric bounds; items: the type of list elements; default: the value
+    filled in when the key is absent (per task if a dict {task: value}); tasks: the tasks the key
+    applies to (default all), elsewhere it is refused."""
+    types: tuple
+    doc: str = ''
+    choices: tuple = ()
+    low: float = None
+    high: float = None
+    items: type = None
+    default: object = _NO_DEFAULT
+    tasks: tuple = TASKS
+
+    def describe(self):
+        if self.choices:
+            return 'one of ' + ', '.join(repr(c) for c in self.choices)
+        names = [t.__name__ if t is not type(None) else 'null' for t in self.types]
+        if self.items is not None and list in self.types:
+            names[self.types.index(list)] = f'list of {self.items.__name__}'
+        text = ' or '.join(names)
+        if self.low is not None and self.high is not None:
+            text += f' in [{self.low}, {self.high}]'
+        elif self.low is not None:
+            text += f' >= {self.low}'
+        return text
+
+    def default_for(self, task):
+        if isinstance(self.default, dict):
+            return self.default.get(task, _NO_DEFAULT)
+        return self.default if task in self.tasks else _NO_DEFAULT
+
+
+PATH = Key((str,), 'a file or folder')
+PATHS = Key((str, list), 'one file or a list of files', items=str)
+POSITIVE_INT = Key((int,), low=1)
+PROBABILITY = Key((float,), low=0.0, high=1.0)
+MAYBE_NAME = Key((str, type(None)), 'hub name or local folder; null for random init')
+FLAG = Key((bool,))
+
+OPTIMIZER = {
+    'opt': Key((str,), choices=('adamW', 'adamw', 'AdamW')),
+    'lr': Key((float,), low=0.0),
+    'weight_decay': Key((float,), low=0.0),
+    'fused': Key((bool,), "torch's fused AdamW kernel (same update up to rounding)", default=False),
+}
+
+SCHEDULE = {  # `schedular`: the original's spelling is the key
+    'sched': Key((str,), choices=('cosine',)),
+    'lr': Key((float,), low=0.0),
+    'epochs': POSITIVE_INT,
+    'min_lr': Key((float,), low=0.0),
+    'decay_rate': Key((float,)),
+    'warmup_lr': Key((float,), low=0.0),
+    'warmup_epochs': Key((int,), low=0),
+    'cooldown_epochs': Key((int,), low=0),
+}
+
+KEYS = {
+    # data
+    'train_file': PATHS, 'val_file': PATHS, 'test_file': PATHS,
+    'answer_list': PATH, 'vqa_root': PATH, 'vg_root': PATH,
+    'image_root': Key((str,), 'the folder image paths are relative to',
+                      default={'pretrain': '', 'pretrain_nlvr': ''}),
+    'refcoco_data': PATH, 'det_file': PATH, 'coco_file': PATH,
+    'max_words': Key((int,), 'words kept by the caption cleaning', low=1, default=30),
+    'max_tokens': POSITIVE_INT,
+    'eos': Key((str,), 'the answer decoder stop token', default={'vqa': '[SEP]'}),
+    'num_workers': Key((int,), 'data loader worker processes per rank', low=0, default=4),
+    # model
+    'bert_config': PATH, 'text_encoder': MAYBE_NAME, 'text_decoder': MAYBE_NAME,
+    'tokenizer': Key((str,), 'hub name or local folder'),
+    'init_deit': Key((bool, str), 'true/false or a URL / local file'),
+    'image_res': POSITIVE_INT, 'patch_size': POSITIVE_INT, 'vision_width': POSITIVE_INT,
+    'vit_depth': POSITIVE_INT, 'vit_heads': POSITIVE_INT, 'embed_dim': POSITIVE_INT,
+    'temp': Key((float,), low=0.0), 'mlm_probability': PROBABILITY, 'queue_size': POSITIVE_INT,
+    'momentum': PROBABILITY, 'alpha': PROBABILITY, 'distill': FLAG,
+    # training and evaluation
+    'batch_size': POSITIVE_INT, 'batch_size_train': POSITIVE_INT, 'batch_size_test': POSITIVE_INT,
+    'warm_up': Key((bool,), 'ramp alpha from 0 over epoch 0', default=True),
+    'k_test': POSITIVE_INT, 'eval_ema': Key((bool,), 'unused by the original'),
+    'print_freq': Key((int,), 'iterations between progress lines', low=1, default=50),
+    'optimizer': Key((dict,)), 'schedular': Key((dict,)),
+    'augment': Key((dict,), 'training augmentation overrides: crop_scale, hflip, randaugment'),
+    # speed and memory options: every one leaves the losses the same up to float rounding
+    'fast_train': Key((bool,), "the models' faster computation of the same losses", default=True),
+    'fast_eval': Key((bool,), "retrieval evaluation's faster computation of the same scores",
+                     default=True, tasks=('retrieval',)),
+    'precision': Key((str,), 'autocast dtype in training and evaluation (fp16 with a gradient '
+                     'scaler)', choices=('fp32', 'bf16', 'fp16'), default='fp32'),
+    'grad_checkpointing': Key((bool,), 'recompute ViT blocks and BERT layers in backward',
+                              default=False),
+    'compile': Key((bool, str), 'torch.compile the transformer layers: true (inductor) or a '
+                   'backend name', default=False),
+    'accum_steps': Key((int,), 'micro-batches per optimiser step', low=1, default=1),
+    'optimizer_sharding': Key((str,), "'zero': AdamW state sharded across ranks",
+                              choices=('none', 'zero'), default='none'),
+    # reliability
+    'checkpoint_every_steps': Key((int,), '0 = at the end of every epoch only', low=0, default=0),
+    'keep_checkpoints': Key((int,), 'step checkpoints kept (older ones are deleted)', low=1,
+                            default=2),
+    'on_bad_sample': Key((str,), 'unreadable image or empty caption in training data',
+                         choices=('fail', 'skip'),
+                         default={task: 'skip' if task.startswith('pretrain') else 'fail'
+                                  for task in TASKS}),
+    'skip_nonfinite_steps': Key((int,), 'steps with a NaN/inf loss skipped before stopping',
+                                low=0, default=0),
+}
+AUGMENT = {  # training augmentation; each absent key keeps the original recipe
+    'crop_scale': Key((list,), 'RandomResizedCrop area range [low, high]', items=float),
+    'hflip': FLAG,
+    'randaugment': FLAG,
+}
+SECTIONS = {'optimizer': OPTIMIZER, 'schedular': SCHEDULE, 'augment': AUGMENT}
+
+_COMMON = ('train_file', 'bert_config', 'tokenizer', 'image_res', 'optimizer', 'schedular')
+REQUIRED = {
+    'pretrain': _COMMON + ('batch_size', 'embed_dim', 'temp', 'mlm_probability', 'queue_size',
+                           'momentum', 'alpha', 'max_tokens'),
+    'pretrain_nlvr': _COMMON + ('batch_size',),
+    'retrieval': _COMMON + ('val_file', 'test_file', 'image_root', 'batch_size_train',
+                            'batch_size_test', 'queue_size', 'embed_dim', 'k_test', 'distill'),
+    'grounding': _COMMON + ('test_file', 'image_root', 'refcoco_data', 'det_file', 'batch_size',
+                            'queue_size', 'embed_dim', 'distill'),
+    'vqa': _COMMON + ('test_file', 'answer_list', 'vqa_root', 'vg_root', 'batch_size_train',
+                      'batch_size_test', 'k_test', 'distill'),
+    'nlvr': _COMMON + ('val_file', 'test_file', 'image_root', 'batch_size', 'distill'),
+    've': _COMMON + ('val_file', 'test_file', 'image_root', 'batch_size_train', 'batch_size_test',
+                     'distill'),
+}
+# Tasks whose momentum queue receives the gathered batch of every rank at each step.
+QUEUE_BATCH = {'pretrain': 'batch_size', 'retrieval': 'batch_size_train', 'grounding': 'batch_size'}
+# Section keys a task cannot run without.
+REQUIRED_IN_SECTION = {'optimizer': ('opt', 'lr', 'weight_decay'),
+                       'schedular': ('lr', 'epochs', 'min_lr', 'warmup_lr', 'warmup_epochs')}
+
+
+def _suggest(key, allowed):
+    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ''
+
+
+def _check_value(name, value, spec):
+    types = spec.types + ((int,) if float in spec.types else ())
+    # bool is an int subclass: `true` where a number is expected is a mistake.
+    if (isinstance(value, bool) and bool not in spec.types) or not isinstance(value, types):
+        return f'{name} = {value!r} ({type(value).__name__}): expected {spec.describe()}'
+    if spec.choices and value not in spec.choices:
+        return f'{name} = {value!r}: expected {spec.describe()}'
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (spec.low is not None and value < spec.low) or (spec.high is not None and value > spec.high):
+            return f'{name} = {value!r}: expected {spec.describe()}'
+    if isinstance(value, list) and spec.items is not None:
+        if not value or not all(isinstance(v, spec.items) for v in value):
+            return f'{name} = {value!r}: expected {spec.describe()} (non-empty)'
+    return None
+
+
+def _check_mapping(config, table, prefix, errors, task):
+    for key, value in config.items():
+        name = f'{prefix}{key}'
+        if key not in table:
+            errors.append(f"unknown key '{name}'{_suggest(key, table)} "
+                          f'(every key is listed in utils.KEYS)')
+            continue
+        spec = table[key]
+        if task not in spec.tasks:
+            errors.append(f"key '{name}' does not apply to {task} (it is read by: "
+                          f"{', '.join(spec.tasks)})")
+            continue
+        problem = _check_value(name, value, spec)
+        if problem:
+            errors.append(problem)
+        elif key in SECTIONS and not prefix:
+            _check_mapping(value, SECTIONS[key], f'{key}.', errors, task)
+
+
+def with_defaults(config, task):
+    """A copy of `config` with every key that has a default filled in when absent (sections
+    too), so that `--opts key=value` can set it and the saved config.yaml shows the value used."""
+    config = copy.deepcopy(config)
+    for table, node in [(KEYS, config)] + [(SECTIONS[s], config[s]) for s in SECTIONS
+                                           if isinstance(config.get(s), dict)]:
+        for key, spec in table.items():
+            default = spec.default_for(task)
+            if key not in node and default is not _NO_DEFAULT:
+                node[key] = default
+    return config
+
+
+def validate(config, task, world_size=1, source='config'):
+    """Raise ConfigError listing every problem of `config` for `task` (one of TASKS), or return
+    `config` unchanged."""
+    if task not in REQUIRED:
+        raise ValueError(f'unknown task {task!r}; known: {sorted(REQUIRED)}')
+    errors = []
+    _check_mapping(config, KEYS, '', errors, task)
+    errors += [f"missing key '{key}' (needed by {task})" for key in REQUIRED[task] if key not in config]
+    for section, keys in REQUIRED_IN_SECTION.items():
+        if isinstance(config.get(section), dict):
+            errors += [f"missing key '{section}.{key}'" for key in keys if key not in config[section]]
+    if errors:  # the cross-key rules below assume the types are right
+        raise ConfigError(f'{source}: ' + '; '.join(errors))
+
+    res, patch = config['image_res'], config.get('patch_size', 16)
+    if res % patch:
+        errors.append(f'image_res = {res} is not divisible by patch_size = {patch}: the ViT '
+                      f'needs a whole number of patches (allowed: multiples of {patch}, e.g. '
+                      f'{max(patch, res - res % patch)} or {res - res % patch + patch})')
+    scale = config.get('augment', {}).get('crop_scale')
+    if scale is not None and not (len(scale) == 2 and 0.0 < scale[0] <= scale[1] <= 1.0):
+        errors.append(f'augment.crop_scale = {scale!r}: expected [low, high] with '
+                      f'0 < low <= high <= 1 (fractions of the image area)')
+    batch_key = QUEUE_BATCH.get(task)
+    if batch_key and config.get('queue_size') is not None:
+        global_batch = config[batch_key] * world_size
+        if config['queue_size'] % global_batch:
+            errors.append(f'queue_size = {config["queue_size"]} is not divisible by the global batch '
+                          f'{batch_key} x world size = {config[batch_key]} x {world_size} = '
+                          f'{global_batch}: the queue is filled one gathered batch at a time '
+                          f'(allowed: multiples of {global_batch})')
+    if errors:
+        raise ConfigError(f'{source}: ' + '; '.join(errors))
+    return config
 
 
 def _flat_keys(config, prefix=''):
@@ -81,9 +329,11 @@ def _parse_bool(text):
     raise ValueError(f'expected a boolean ({"/".join(_TRUE[:3])} or {"/".join(_FALSE[:3])})')
 
 
-def _convert_like(text, old):
-    """`text` converted to the type of the value it replaces."""
+def _convert_like(text, old, spec=None):
+    """`text` converted to the type of the value it replaces (`spec`: the key's, if known)."""
     if isinstance(old, bool):
+        if spec is not None and str in spec.types and text.strip().lower() not in _TRUE + _FALSE:
+            return text  # a bool-or-name key such as `compile=aot_eager`
         return _parse_bool(text)
     if isinstance(old, int):
         return int(text)
@@ -100,14 +350,15 @@ def _convert_like(text, old):
 def apply_overrides(config, overrides):
     """A copy of `config` with `key.sub=value` overrides applied (as given by `--opts`).
 
-    Only existing keys can be overridden; the value takes the type of the value it replaces
-    (bools accept true/false/1/0/yes/no; lists and dicts are parsed as YAML).
+    Only existing keys can be overridden (every key with a default exists after
+    `with_defaults`); the value takes the type of the value it replaces (bools accept
+    true/false/1/0/yes/no; lists and dicts are parsed as YAML); validate() then checks it.
     """
     config = copy.deepcopy(config)
     for item in overrides or ():
         key, sep, text = item.partition('=')
         if not sep or not key:
-            raise ValueError(f'override {item!r} must look like key.sub=value')
+            raise ConfigError(f'override {item!r} must look like key.sub=value')
         *parents, leaf = key.split('.')
         node = config
         for part in parents:
@@ -115,13 +366,28 @@ def apply_overrides(config, overrides):
         if not isinstance(node, dict) or leaf not in node:
             close = difflib.get_close_matches(key, list(_flat_keys(config)), n=3, cutoff=0.6)
             hint = f'; did you mean {", ".join(close)}?' if close else ''
-            raise KeyError(f'override {item!r}: unknown config key {key!r}{hint}')
+            raise UnknownKeyError(f'override {item!r}: unknown config key {key!r}{hint}')
+        table = SECTIONS.get(parents[0], {}) if len(parents) == 1 else KEYS if not parents else {}
         try:
-            node[leaf] = _convert_like(text, node[leaf])
+            node[leaf] = _convert_like(text, node[leaf], table.get(leaf))
         except (ValueError, YAMLError) as e:
-            raise ValueError(f'override {item!r}: cannot convert {text!r} for key {key!r} '
-                             f'(currently {node[leaf]!r}): {e}') from e
+            raise ConfigError(f'override {item!r}: cannot convert {text!r} for key {key!r} '
+                              f'(currently {node[leaf]!r}): {e}') from e
     return config
+
+
+def load_task_config(args, task):
+    """The config of a task script: the YAML of --config with every default filled in, --opts
+    applied, --text_encoder (and --text_decoder) applied, validated for `task` at the world size
+    of `args` (call after init_distributed_mode)."""
+    config = with_defaults(load_config(args.config), task)
+    config = apply_overrides(config, args.opts)
+    if getattr(args, 'text_encoder', None):
+        config['text_encoder'] = config['tokenizer'] = args.text_encoder
+    if getattr(args, 'text_decoder', None):
+        config['text_decoder'] = args.text_decoder
+    return validate(config, task, getattr(args, 'world_size', 1),
+                    source=f'config {args.config} (with --opts)')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,24 +404,96 @@ def str2bool(text):
         raise argparse.ArgumentTypeError(f'{text!r}: {e}') from None
 
 
-def get_args_parser(description):
-    """The arguments every task script shares; scripts add their own."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument('--config', required=True, help='task YAML file')
-    parser.add_argument('--checkpoint', default='', help='checkpoint to start from')
-    parser.add_argument('--output_dir', required=True)
+def bool_or_path(text):
+    """argparse type of --resume: true/false words as booleans, anything else a checkpoint path."""
+    if isinstance(text, bool):
+        return text
+    try:
+        return _parse_bool(text)
+    except ValueError:
+        return text
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag with its default; the description and examples as written."""
+
+
+def get_args_parser(doc, evaluate=True):
+    """The arguments every task script shares; `doc` is the script's docstring (its first line
+    describes the script, the rest, with the usage examples, ends --help). Scripts add their own."""
+    description, _, examples = doc.strip().partition('\n')
+    parser = argparse.ArgumentParser(description=description, epilog=examples.strip() or None,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument('--config', required=True, help='task YAML file (configs/*.yaml)')
+    parser.add_argument('--output_dir', required=True,
+                        help='folder for log.txt, config.yaml, checkpoints and results')
+    parser.add_argument('--checkpoint', default='',
+                        help='weights to start from: a pre-training checkpoint to fine-tune, or '
+                             'with --evaluate the checkpoint to evaluate (never resumes a run)')
+    parser.add_argument('--resume', type=bool_or_path, nargs='?', const=True, default=False,
+                        metavar='PATH',
+                        help='continue the interrupted run in --output_dir from its newest '
+                             'readable checkpoint (model, optimizer, schedule, RNG, data '
+                             'position), or from the checkpoint file PATH; without any, the run '
+                             'starts as it would without --resume')
+    if evaluate:
+        parser.add_argument('--evaluate', action='store_true',
+                            help='only evaluate --checkpoint (no training)')
     parser.add_argument('--text_encoder', default=None,
                         help="BERT weights and tokenizer (hub name or local directory); "
                              "overrides the config's text_encoder and tokenizer")
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--seed', default=42, type=int)
-    parser.add_argument('--world_size', default=1, type=int, help='number of processes')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='cpu, cuda or cuda:N')
+    parser.add_argument('--seed', default=42, type=int, help='random seed (plus the rank)')
+    parser.add_argument('--world_size', default=1, type=int,
+                        help='number of processes (set by torchrun)')
     parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
     parser.add_argument('--dist_timeout', default=30, type=float,
                         help='minutes a collective may wait for a dead rank before failing')
     parser.add_argument('--opts', nargs='*', default=[], metavar='KEY=VALUE',
-                        help='config overrides, e.g. optimizer.lr=2e-5 distill=false')
+                        help='config overrides, e.g. optimizer.lr=2e-5 precision=bf16 '
+                             '(every key of utils.KEYS)')
+    parser.add_argument('--debug', action='store_true',
+                        help='show the full traceback of an error (also: ALBEF_DEBUG=1)')
     return parser
+
+
+def error_types():
+    """The errors a user can fix (config, data, checkpoint, command line): reported in one line."""
+    from dataset.faults import SampleError
+    from dataset.images import ImageLoadError
+    from models.checkpoint import CheckpointError
+    from models.pretrained import PretrainedWeightsError
+    return (ConfigError, SampleError, ImageLoadError, CheckpointError, PretrainedWeightsError,
+            FileNotFoundError, FloatingPointError, KeyError, ValueError, OSError)
+
+
+def run(main, argv=None):
+    """Run a script's main(argv) as a command.
+
+    A config, data or checkpoint error prints one line `error: ...` on stderr and exits with
+    code 2 (`--debug` or ALBEF_DEBUG=1: the traceback instead). In a distributed run, an error
+    caused by another rank dying or hanging is re-raised naming the rank and the time limit
+    (--dist_timeout), so that every surviving rank exits with a clear message instead of a bare
+    transport error."""
+    debug = '--debug' in (sys.argv[1:] if argv is None else argv) or \
+        os.environ.get('ALBEF_DEBUG', '') not in ('', '0')
+    try:
+        return main(argv)
+    except Exception as error:
+        if is_dist_avail_and_initialized() and is_peer_failure(error):
+            raise RuntimeError(f'rank {get_rank()} of {get_world_size()}: lost contact with another '
+                               'process (it exited, crashed or did not answer within '
+                               '--dist_timeout); stopping this one too. The failing process\'s own '
+                               f'log names the cause. ({type(error).__name__}: {str(error)[:300]})'
+                               ) from error
+        if debug or not isinstance(error, error_types()):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        prefix = f'rank {get_rank()}: ' if get_world_size() > 1 else ''
+        print(f'error: {prefix}{" ".join(str(message).split())} (--debug shows the traceback)',
+              file=sys.stderr)
+        sys.exit(2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,21 +548,6 @@ def is_peer_failure(error):
         return True
     text = str(error).lower()
     return isinstance(error, RuntimeError) and any(marker in text for marker in _PEER_FAILURE_MARKERS)
-
-
-def run(main, argv=None):
-    """Run a script's main(argv); in a distributed run, an error caused by another rank dying or
-    hanging is re-raised naming the rank and the time limit (--dist_timeout), so that every
-    surviving rank exits with a clear message instead of a bare transport error."""
-    try:
-        return main(argv)
-    except Exception as error:
-        if not is_dist_avail_and_initialized() or not is_peer_failure(error):
-            raise
-        raise RuntimeError(f'rank {get_rank()} of {get_world_size()}: lost contact with another process '
-                           '(it exited, crashed or did not answer within --dist_timeout); stopping '
-                           f'this one too. The failing process\'s own log names the cause. '
-                           f'({type(error).__name__}: {str(error)[:300]})') from error
 
 
 def is_dist_avail_and_initialized():
@@ -481,19 +804,6 @@ def save_checkpoint(state, path):
             os.close(dir_fd)
     except OSError:
         pass
-
-
-def load_checkpoint_file(path, map_location='cpu'):
-    """The object saved in the checkpoint file `path`, with a clear error if it is missing,
-    truncated or corrupt."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint file not found: {path}')
-    try:
-        # Our own files and the released ALBEF checkpoints hold pickled dicts, not only tensors.
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
-        raise RuntimeError(f'cannot load checkpoint file {path} (truncated, corrupt or not a '
-                           f'torch checkpoint): {type(e).__name__}: {e}') from e
 
 
 def all_gather_objects(obj):

@@ -15,6 +15,7 @@ What each kind supports:
   ve, nlvr                            classify
   pretrain_nlvr                       nothing beyond loading (text-assignment head only)
 """
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -22,8 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
 from dataset.images import load_image
@@ -34,8 +33,9 @@ from dataset.ve_dataset import LABELS as VE_LABELS
 from dataset.vqa_dataset import MAX_QUESTION_WORDS
 from models import (model_nlvr, model_pretrain, model_pretrain_nlvr, model_retrieval, model_ve,
                     model_vqa)
-from models.checkpoint import (CheckpointError, checkpoint_kind, load_checkpoint,
-                               load_retrieval_checkpoint, read_checkpoint, state_dict_of)
+from models.checkpoint import (CheckpointError, checkpoint_kind, load_weights, read_checkpoint,
+                               state_dict_of)
+from engine import autocast_context
 from models.gradcam import default_block, heatmaps
 from models.tokenization_bert import BertTokenizer
 from utils import load_config
@@ -65,43 +65,6 @@ class GradCAMMaps:
     tokens: list  # word pieces of the cleaned text ([CLS] dropped)
     token_maps: torch.Tensor  # (len(tokens), H, W) at the image's own resolution
     average: torch.Tensor  # (H, W): the mean over the word pieces
-
-
-class DualEncoder(nn.Module):
-    """The ITC / ITM parts of a pre-training or retrieval model behind one interface (the one
-    models/gradcam.py expects): a BertModel text encoder, the projections and the ITM head.
-    Holds the model's own modules, no copies."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.visual_encoder = model.visual_encoder
-        text_encoder = model.text_encoder
-        self.text_encoder = getattr(text_encoder, 'bert', text_encoder)  # BertForMaskedLM -> bert
-        self.vision_proj, self.text_proj = model.vision_proj, model.text_proj
-        self.itm_head = model.itm_head
-
-    def image_states(self, pixels):
-        return self.visual_encoder(pixels)  # (B, N, Dv)
-
-    def image_features(self, image_embeds):
-        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)  # (B, E)
-
-    def text_states(self, input_ids, attention_mask):
-        return self.text_encoder(input_ids, attention_mask=attention_mask, return_dict=True,
-                                 mode='text').last_hidden_state  # (B, L, D)
-
-    def text_features(self, text_embeds):
-        return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)  # (B, E)
-
-    def itm_logits(self, image_embeds, text_embeds, text_atts):
-        """ITM logits (B, 2) of pairs (image b, text b); column 1 is "match"."""
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long,
-                                device=image_embeds.device)
-        hidden = self.text_encoder(encoder_embeds=text_embeds, attention_mask=text_atts,
-                                   encoder_hidden_states=image_embeds,
-                                   encoder_attention_mask=image_atts, return_dict=True,
-                                   mode='fusion').last_hidden_state
-        return self.itm_head(hidden[:, 0])
 
 
 def _resolve(path):
@@ -141,11 +104,17 @@ def load_model(state_dict, config, tokenizer, source='the checkpoint'):
         raise CheckpointError(f'{source}: not an ALBEF checkpoint of a known task (kinds: '
                               f'{sorted(MODELS)})')
     model = build_model(kind, config, tokenizer, state_dict)
-    if kind == 'retrieval':  # also the released online-only files (mscoco.pth, refcoco.pth)
-        load_retrieval_checkpoint(model, state_dict)
-    else:
-        load_checkpoint(model, state_dict, kind=kind)
+    load_weights(model, state_dict, kind)  # also the released online-only files (mscoco.pth)
     return kind, model
+
+
+def _at_precision(method):
+    """Run an inference method under the autocast of the instance's `precision`."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with autocast_context(self.precision, self.device):
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 class ALBEFInference:
@@ -153,18 +122,18 @@ class ALBEFInference:
     PIL images or uint8 arrays (H, W[, 3|4]) and texts as raw strings; results are on the CPU."""
 
     def __init__(self, model, kind, config, tokenizer, device='cpu', source='the model',
-                 batch_size=32):
+                 batch_size=32, precision='fp32'):
         self.model = model.to(device).eval()
         self.kind, self.config, self.tokenizer = kind, config, tokenizer
         self.device, self.source, self.batch_size = torch.device(device), source, batch_size
         self.transform = create_transform('test', config['image_res'])
-        self.dual = DualEncoder(model) if kind in ITC_ITM_KINDS else None
+        self.precision = precision
 
     @classmethod
-    def from_checkpoint(cls, path, config=None, tokenizer=None, device=None):
+    def from_checkpoint(cls, path, config=None, tokenizer=None, device=None, precision='fp32'):
         """config: the YAML path or dict the checkpoint was trained with (default: the one stored
         in the file); tokenizer: a BertTokenizer, a hub name or a folder (default: the config's);
-        device: default cuda if available."""
+        device: default cuda if available; precision: 'fp32', 'bf16' or 'fp16' autocast."""
         checkpoint = read_checkpoint(path)
         state_dict = state_dict_of(checkpoint, str(path))
         if config is None:
@@ -181,7 +150,7 @@ class ALBEFInference:
             tokenizer = BertTokenizer.from_pretrained(_resolve(str(name)))
         kind, model = load_model(state_dict, config, tokenizer, source=str(path))
         device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-        return cls(model, kind, config, tokenizer, device, source=str(path))
+        return cls(model, kind, config, tokenizer, device, source=str(path), precision=precision)
 
     # ---- preprocessing ----------------------------------------------------------------------
 
@@ -221,7 +190,7 @@ class ALBEFInference:
 
     def _itc_itm(self, method):
         self._require(method, ITC_ITM_KINDS, 'the ITC projections and the ITM head')
-        return self.dual
+        return self.model
 
     @staticmethod
     def _batches(items, size):
@@ -239,22 +208,24 @@ class ALBEFInference:
 
     # ---- embeddings and matching -------------------------------------------------------------
 
+    @_at_precision
     @torch.no_grad()
     def image_embeddings(self, images):
         """Normalised projected [CLS] features (N, E) of the images (ITC space)."""
-        dual = self._itc_itm('image_embeddings')
-        feats = [dual.image_features(dual.image_states(self.preprocess_images(batch)))
+        model = self._itc_itm('image_embeddings')
+        feats = [model.image_features(model.encode_image(self.preprocess_images(batch)))
                  for batch in self._batches(self._images(images), self.batch_size)]
         return torch.cat(feats).float().cpu()
 
+    @_at_precision
     @torch.no_grad()
     def text_embeddings(self, texts):
         """Normalised projected [CLS] features (N, E) of the texts (ITC space)."""
-        dual = self._itc_itm('text_embeddings')
+        model = self._itc_itm('text_embeddings')
         feats = []
         for batch in self._batches(self._texts(texts), self.batch_size):
             text = self.tokenize(batch)
-            feats.append(dual.text_features(dual.text_states(text.input_ids, text.attention_mask)))
+            feats.append(model.text_features(model.encode_text(text.input_ids, text.attention_mask)))
         return torch.cat(feats).float().cpu()
 
     @torch.no_grad()
@@ -263,11 +234,12 @@ class ALBEFInference:
         logits = []
         for start in range(0, len(texts), self.batch_size):
             text = self.tokenize(texts[start:start + self.batch_size])
-            text_embeds = self.dual.text_states(text.input_ids, text.attention_mask)
-            logits.append(self.dual.itm_logits(image_embeds[start:start + len(text.input_ids)],
-                                               text_embeds, text.attention_mask))
+            text_embeds = self.model.encode_text(text.input_ids, text.attention_mask)
+            logits.append(self.model.itm_scores(text_embeds, text.attention_mask,
+                                                image_embeds[start:start + len(text.input_ids)]))
         return torch.cat(logits).float()
 
+    @_at_precision
     @torch.no_grad()
     def itm_scores(self, images, texts, logits=False):
         """ITM match probability (P,) of each (image, text) pair (raw match logit if `logits`).
@@ -284,7 +256,7 @@ class ALBEFInference:
         for start in range(0, pairs, self.batch_size):
             idx = range(start, min(pairs, start + self.batch_size))
             batch_images = images if len(images) == 1 else [images[i] for i in idx]
-            image_embeds = self.dual.image_states(self.preprocess_images(batch_images))
+            image_embeds = self.model.encode_image(self.preprocess_images(batch_images))
             image_embeds = image_embeds.expand(len(idx), -1, -1)
             out = self._itm(image_embeds, [texts[0 if len(texts) == 1 else i] for i in idx])
             scores.append(out[:, 1] if logits else out.softmax(dim=1)[:, 1])
@@ -310,34 +282,36 @@ class ALBEFInference:
                  'itm': float(probs[j]), 'itm_logit': float(logits[j, 1]),
                  'itc': float(sims[candidates[j]])} for j in order]
 
+    @_at_precision
     @torch.no_grad()
     def retrieve_texts(self, image, texts, k=5, k_test=None):
         """The k best texts for `image` among `texts` (a list or an encode_texts gallery):
         [{'index', 'item', 'itm', 'itm_logit', 'itc'}, ...], best first. k_test: the ITC
         shortlist re-ranked by ITM (default: the config's k_test, else 128)."""
-        dual = self._itc_itm('retrieve_texts')
+        model = self._itc_itm('retrieve_texts')
         gallery = texts if isinstance(texts, Gallery) else self.encode_texts(texts)
-        image_embeds = dual.image_states(self.preprocess_images([image]))  # (1, N, Dv)
-        sims = gallery.features @ dual.image_features(image_embeds)[0].float().cpu()  # (T,)
+        image_embeds = model.encode_image(self.preprocess_images([image]))  # (1, N, Dv)
+        sims = gallery.features @ model.image_features(image_embeds)[0].float().cpu()  # (T,)
 
         def rescore(candidates):
             return self._itm(image_embeds.expand(len(candidates), -1, -1),
                              [gallery.items[c] for c in candidates]).cpu()
         return self._rank(sims, rescore, k, k_test, gallery)
 
+    @_at_precision
     @torch.no_grad()
     def retrieve_images(self, text, images, k=5, k_test=None):
         """The k best images for `text` among `images` (a list or an encode_images gallery),
         as retrieve_texts. Only the shortlisted images go through the ViT a second time, so a
         gallery never holds more than `batch_size` images' token states."""
-        dual = self._itc_itm('retrieve_images')
+        model = self._itc_itm('retrieve_images')
         gallery = images if isinstance(images, Gallery) else self.encode_images(images)
         sims = gallery.features @ self.text_embeddings([text])[0]  # (I,)
 
         def rescore(candidates):
             logits = []
             for batch in self._batches(candidates, self.batch_size):
-                image_embeds = dual.image_states(self.preprocess_images(
+                image_embeds = model.encode_image(self.preprocess_images(
                     [gallery.items[c] for c in batch]))
                 logits.append(self._itm(image_embeds, [text] * len(batch)))
             return torch.cat(logits).cpu()
@@ -354,6 +328,7 @@ class ALBEFInference:
         with open(path) as f:
             return json.load(f)
 
+    @_at_precision
     @torch.no_grad()
     def answer(self, image, question, candidates=None, k=5, k_test=None):
         """The k best answers to `question` about `image` among `candidates` (default: the
@@ -371,6 +346,7 @@ class ALBEFInference:
         return [{'answer': candidates[i], 'score': p}
                 for i, p in zip(ids[0, :k].tolist(), probs[0, :k].tolist())]
 
+    @_at_precision
     @torch.no_grad()
     def classify(self, images, text):
         """SNLI-VE: `images` is one image and `text` a hypothesis -> {'entailment', 'neutral',
@@ -385,14 +361,15 @@ class ALBEFInference:
         labels = NLVR_LABELS if pair else VE_LABELS
         return {name: float(probs[index]) for name, index in labels.items()}
 
+    @_at_precision
     def gradcam(self, image, text, block_num=None):
         """Grad-CAM of the ITM match score through the cross-attention of text-encoder layer
         `block_num` (default: fusion_layer + 2, i.e. 8 in BERT-base as in the paper): one map
         per word piece and their average, at the image's resolution. In the last layer only the
         [CLS] row reaches the ITM head, so its word maps are zero; the default stays below it
         when the model has more than one fusion layer."""
-        dual = self._itc_itm('gradcam')
-        bert = dual.text_encoder.config
+        model = self._itc_itm('gradcam')
+        bert = model.text_bert.config
         if block_num is None:
             block_num = default_block(bert)
         if not bert.fusion_layer <= block_num < bert.num_hidden_layers:
@@ -400,10 +377,10 @@ class ALBEFInference:
                              f'{bert.fusion_layer}..{bert.num_hidden_layers - 1}')
         picture = self.to_pil(image)
         text_input = self.tokenize([text])
-        token_maps, average = heatmaps(dual, self.preprocess_images([picture]), text_input.input_ids,
+        token_maps, average = heatmaps(model, self.preprocess_images([picture]), text_input.input_ids,
                                        text_input.attention_mask, block_num,
                                        size=(picture.height, picture.width))
-        dual.zero_grad(set_to_none=True)  # the backward pass left parameter gradients
+        model.zero_grad(set_to_none=True)  # the backward pass left parameter gradients
         tokens = self.tokenizer.convert_ids_to_tokens(text_input.input_ids[0].tolist())
         return GradCAMMaps(picture, tokens[1:], token_maps[0, 1:].detach().float().cpu(),
                            average[0].detach().float().cpu())

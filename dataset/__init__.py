@@ -1,7 +1,4 @@
-"""Dataset, sampler and loader factories used by the task scripts (spec sections 8.1 and 12)."""
-import torch
-from torch.utils.data import DataLoader, DistributedSampler
-
+"""Dataset factories of the task scripts (the names of the original), and their loaders."""
 # Imported under other names so that `dataset.pretrain_dataset` etc. stay the modules, not the classes.
 from dataset.caption_dataset import re_eval_dataset as _re_eval_dataset
 from dataset.faults import BadSamplePolicy, skipped_samples
@@ -13,15 +10,17 @@ from dataset.transforms import create_transform
 from dataset.ve_dataset import ve_dataset as _ve_dataset
 from dataset.vqa_dataset import vqa_collate_fn
 from dataset.vqa_dataset import vqa_dataset as _vqa_dataset
+from dataset.loaders import create_loader, create_sampler, eval_loader, train_loader
 
-__all__ = ['create_dataset', 'create_sampler', 'create_loader', 'vqa_collate_fn', 'skipped_samples']
+__all__ = ['create_dataset', 'create_sampler', 'create_loader', 'eval_loader', 'train_loader',
+           'vqa_collate_fn', 'skipped_samples']
 
 
 def _policy(config):
     # NOTE(fixed): the original stopped at the first unreadable image; training data follows the
     # config's on_bad_sample (see dataset/faults.py), evaluation data always fails, because
     # serving another sample in place of a bad one would change the metric.
-    return config.get('on_bad_sample', 'fail')
+    return config['on_bad_sample']
 
 
 def _train(dataset, config):
@@ -35,8 +34,7 @@ def _evaluation(dataset):
 def _pretrain(config):
     transform = create_transform('pretrain', config['image_res'], config.get('augment'))
     return _train(_pretrain_dataset(config['train_file'], transform,
-                                    max_words=config.get('max_words', 30),
-                                    image_root=config.get('image_root', ''),
+                                    max_words=config['max_words'], image_root=config['image_root'],
                                     on_bad_sample=_policy(config)), config)
 
 
@@ -57,7 +55,7 @@ def _re(config):
 def _vqa(config):
     train_transform, test_transform = _train_and_test_transforms(config)
     roots = config['vqa_root'], config['vg_root']
-    eos = config.get('eos', '[SEP]')
+    eos = config['eos']
     return (_train(_vqa_dataset(config['train_file'], train_transform, *roots, eos=eos, split='train',
                                 on_bad_sample=_policy(config)), config),
             _evaluation(_vqa_dataset(config['test_file'], test_transform, *roots, eos=eos,
@@ -90,6 +88,8 @@ def _grounding(config):
             _evaluation(_grounding_dataset(config['test_file'], test_transform, root, mode='test')))
 
 
+_TASK = {'re': 'retrieval'}  # the config task of a dataset name
+
 # name -> builder(config); the builders return what the original returned for that name.
 _BUILDERS = {
     'pretrain': _pretrain,
@@ -106,37 +106,9 @@ def create_dataset(name, config):
     're', 'nlvr', 've' -> (train, val, test); 'vqa', 'grounding' -> (train, test).
 
     Training sets use the task's augmenting transform, the others the plain test transform.
+    Keys absent from `config` (an original config) take their defaults (utils.KEYS).
     """
     if name not in _BUILDERS:
         raise ValueError(f'unknown dataset {name!r}; supported: {list(_BUILDERS)}')
-    return _BUILDERS[name](config)
-
-
-def create_sampler(datasets, shuffles, num_tasks, global_rank):
-    """One DistributedSampler per dataset (eval samplers pad with duplicates, as the original)."""
-    return [DistributedSampler(dataset, num_replicas=num_tasks, rank=global_rank, shuffle=shuffle)
-            for dataset, shuffle in zip(datasets, shuffles, strict=True)]
-
-
-def create_loader(datasets, samplers, batch_size, num_workers, is_trains, collate_fns):
-    """One DataLoader per dataset; training loaders drop the last incomplete batch."""
-    loaders = []
-    for dataset, sampler, bs, workers, is_train, collate_fn in zip(
-            datasets, samplers, batch_size, num_workers, is_trains, collate_fns, strict=True):
-        if is_train:
-            per_rank = len(sampler) if sampler is not None else len(dataset)
-            if per_rank < bs:
-                raise ValueError(f'training dataset {type(dataset).__name__} has {per_rank} samples '
-                                 f'per process, fewer than one batch of {bs}: the loader would be empty')
-        loaders.append(DataLoader(
-            dataset,
-            batch_size=bs,
-            num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
-            sampler=sampler,
-            shuffle=is_train and sampler is None,
-            collate_fn=collate_fn,
-            drop_last=is_train,
-            persistent_workers=workers > 0,
-        ))
-    return loaders
+    from utils import with_defaults
+    return _BUILDERS[name](with_defaults(config, _TASK.get(name, name)))

@@ -1,6 +1,7 @@
-"""What every ALBEF variant shares (paper section 3): building the encoders, momentum pairs
-(MoCo-style EMA, spec 5), the feature queues and their cross-rank gather, and the ITC,
-hard-negative and MLM-masking helpers."""
+"""What every ALBEF variant shares (paper section 3): building the encoders and the API to run
+them (encode image / text, fuse, ITM logits, cross-attention maps), momentum pairs (MoCo-style
+EMA), the feature queues and their cross-rank gather, and the ITC, hard-negative and MLM-masking
+helpers."""
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -103,6 +104,62 @@ class ALBEFBase(nn.Module):
     @staticmethod
     def build_visual_encoder(config):
         return vit_from_config(config)
+
+    # ---- the encoders, one API for the models, Grad-CAM, retrieval evaluation and albef.api ----
+    # `*_embeds`: token states (B, L, D); `*_feat`: normalised projected [CLS] vectors (B, E).
+
+    def _module(self, name, momentum):
+        return getattr(self, f'{name}_m' if momentum else name)
+
+    @property
+    def text_bert(self):
+        """The BertModel of the text encoder (the pre-training model's BertForMaskedLM wraps one)."""
+        return getattr(self.text_encoder, 'bert', self.text_encoder)
+
+    def encode_image(self, image, momentum=False, register_blk=-1):
+        """ViT token states (B, 1 + P, Dv); `register_blk` records that block's attention."""
+        return self._module('visual_encoder', momentum)(image, register_blk=register_blk)
+
+    def image_features(self, image_embeds, momentum=False):
+        return F.normalize(self._module('vision_proj', momentum)(image_embeds[:, 0]), dim=-1)
+
+    def encode_text(self, input_ids, attention_mask, momentum=False):
+        """The unimodal text layers [0, fusion_layer): token states (B, L, D)."""
+        encoder = self._module('text_encoder', momentum)
+        encoder = getattr(encoder, 'bert', encoder)
+        return encoder(input_ids, attention_mask=attention_mask, return_dict=True,
+                       mode='text').last_hidden_state
+
+    def text_features(self, text_embeds, momentum=False):
+        return F.normalize(self._module('text_proj', momentum)(text_embeds[:, 0]), dim=-1)
+
+    def encode(self, image, text):
+        """Unimodal encodings: (image_embeds, image_feat, text_embeds, text_feat)."""
+        image_embeds = self.encode_image(image)  # (B, N, Dv)
+        text_embeds = self.encode_text(text.input_ids, text.attention_mask)  # (B, L, D)
+        return (image_embeds, self.image_features(image_embeds), text_embeds,
+                self.text_features(text_embeds))
+
+    def fusion(self, text_embeds, text_atts, image_embeds):
+        """The fusion layers [fusion_layer, L) on text states, cross-attending to image tokens."""
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long,
+                                device=image_embeds.device)
+        return self.text_bert(encoder_embeds=text_embeds, attention_mask=text_atts,
+                              encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts,
+                              return_dict=True, mode='fusion').last_hidden_state
+
+    def itm_scores(self, text_embeds, text_atts, image_embeds):
+        """ITM logits (B, 2) of (text b, image b) pairs; column 1 is "match"."""
+        return self.itm_head(self.fusion(text_embeds, text_atts, image_embeds)[:, 0])
+
+    def cross_attention(self, layer):
+        """The cross-attention module of text-encoder layer `layer` (a fusion layer), whose
+        `save_attention` records the attention map and its gradient (Grad-CAM)."""
+        block = self.text_bert.encoder.layer[layer]
+        if not block.has_cross_attention:
+            raise ValueError(f'text-encoder layer {layer} has no cross-attention (fusion layers '
+                             f'start at {self.text_bert.config.fusion_layer})')
+        return block.crossattention.self
 
     def momentum_parameter_pairs(self):
         for model, model_m in self.model_pairs:

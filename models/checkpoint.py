@@ -1,6 +1,5 @@
 """Loading ALBEF checkpoints into models: the one place for reading checkpoint files, key
-remapping between training stages, position-embedding interpolation and the load report
-(spec section 9).
+remapping between training stages, position-embedding interpolation and the load report.
 
 A released file (`{'model': state_dict, ...}`) or a plain state dict both work. Every key that
 does not load is classified: expected (listed by the caller's rule), tolerated (`position_ids`
@@ -162,45 +161,12 @@ def load_checkpoint(model, checkpoint, kind=None, remap=None, allow_missing=(),
     return report
 
 
-# ---- Retrieval and grounding checkpoints (models/model_retrieval.py; spec 9, 10) ----------------
-
-# Pre-trained (model_pretrain) -> retrieval: keys lose `bert.`; the MLM heads are left over and
-# the id queue is new (it keeps its -100 fill).
-RETRIEVAL_FROM_PRETRAIN = dict(allow_missing=(r'idx_queue',),
-                               allow_unexpected=(r'text_encoder(_m)?\.cls\.predictions\..*',))
-# The released fine-tuned files (mscoco.pth, flickr30k.pth, refcoco.pth) hold online weights only.
-RETRIEVAL_ONLINE_ONLY = dict(allow_missing=(r'[a-z_]+_m\..*', r'(image|text|idx)_queue',
-                                            r'queue_ptr'))
-
-
 def strip_bert_prefix(state_dict):
     """`text_encoder(_m).bert.X` -> `text_encoder(_m).X`, as the original Retrieval.py renames."""
     return {key.replace('bert.', ''): value for key, value in state_dict.items()}
 
 
-def load_retrieval_checkpoint(model, checkpoint):
-    """Load any of the three retrieval-model layouts into a model_retrieval/Grounding ALBEF:
-    a pre-training checkpoint (renamed, spec 9), a retrieval training checkpoint (as is), or a
-    released fine-tuned file without momentum weights or queues. For the last, the momentum
-    encoders start as copies of the loaded online weights (`copy_params`) and the queues keep
-    their fresh initialisation (random unit columns, ids -100, pointer 0).
-    Returns the LoadReport.
-    """
-    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, '__fspath__'):
-        checkpoint = read_checkpoint(checkpoint)
-    state_dict = state_dict_of(checkpoint)
-    if any(key.startswith('text_encoder.bert.') for key in state_dict):
-        return load_checkpoint(model, state_dict, kind='retrieval', remap=strip_bert_prefix,
-                               **RETRIEVAL_FROM_PRETRAIN)
-    if not any(key.startswith('visual_encoder_m.') for key in state_dict):
-        report = load_checkpoint(model, state_dict, kind='retrieval', **RETRIEVAL_ONLINE_ONLY)
-        model.copy_params()
-        return report
-    return load_checkpoint(model, state_dict, kind='retrieval')
-# ---- end retrieval and grounding checkpoints ----------------------------------------------------
-
-
-# ---- Fine-tuning from an earlier stage: VQA, SNLI-VE, text assignment, NLVR2 (spec 9) ----------
+# ---- Starting a task from an earlier stage: the original's key renaming ----------------------
 
 def _layer_index(key):
     match = re.search(r'\.layer\.(\d+)\.', key)
@@ -272,6 +238,11 @@ _MOMENTUM = r'[a-z_]+_m\..*'
 _QUEUES = (r'(image|text)_queue', r'queue_ptr')
 
 FINETUNE_RULES = {
+    # Keys lose `bert.`; the MLM heads are left over and the id queue is new (it keeps its -100
+    # fill). Grounding fine-tunes the retrieval model too.
+    ('pretrain', 'retrieval'): FinetuneRule(
+        strip_bert_prefix, allow_missing=(r'idx_queue',),
+        allow_unexpected=(r'text_encoder(_m)?\.cls\.predictions\..*',)),
     ('pretrain', 'vqa'): FinetuneRule(
         pretrain_to_vqa,
         allow_unexpected=(_MOMENTUM, r'temp', *_QUEUES, r'(vision|text)_proj(_m)?\..*',
@@ -288,29 +259,50 @@ FINETUNE_RULES = {
         None, allow_missing=(r'cls_head\..*', _MOMENTUM),
         allow_unexpected=(r'(vision|text)_proj\..*', r'temp', r'ta_head\..*')),
 }
+# Evaluated without fine-tuning: zero-shot retrieval (and grounding) from a pre-trained model.
+ZERO_SHOT = {('pretrain', 'retrieval')}
+# The released fine-tuned files (mscoco.pth, flickr30k.pth, refcoco.pth) hold online weights only.
+ONLINE_ONLY = FinetuneRule(None, allow_missing=(_MOMENTUM, *_QUEUES, r'idx_queue'))
 
 
-def load_for_finetuning(model, checkpoint, source_kind=None, target_kind=None,
-                        copy_momentum_after_load=False):
-    """Load a checkpoint of an earlier training stage into a VQA / VE / TA / NLVR2 model with
-    the original's renaming rules (FINETUNE_RULES) and pos_embed interpolation.
+def _has_momentum(keys):
+    return any(key.split('.', 1)[0].endswith('_m') for key in keys)
 
-    source_kind: the stage that wrote the checkpoint (None = guessed from its keys);
-    target_kind: the model's kind. The same kind on both sides loads as is (resuming, or
-    evaluating a fine-tuned file). copy_momentum_after_load: for NLVR2, start the momentum
-    models from the loaded weights. NOTE(faithful): off by default; the original copies before
-    loading, so its momentum ViT stays random and its momentum BERT is bert-base-uncased.
-    Returns the LoadReport.
+
+def load_weights(model, checkpoint, target_kind, source_kind=None, evaluate=False,
+                 copy_momentum_after_load=False):
+    """Start `model` (an ALBEF of `target_kind`) from the weights of `checkpoint` (a path, a
+    checkpoint dict or a state dict): the one loader behind every script's --checkpoint.
+
+    - The same kind (a fine-tuned file, or pre-training from a pre-training file) loads as is;
+      a file without momentum weights (the released fine-tuned layout) starts the momentum
+      encoders as copies of the loaded online weights (`copy_params`), the queues fresh.
+    - An earlier stage is renamed by the original's rule (FINETUNE_RULES), with pos_embed
+      interpolation; source_kind None = guessed from the keys.
+    - evaluate: only the same kind, or a ZERO_SHOT pair (a fine-tuned model is expected).
+    copy_momentum_after_load: for NLVR2, start the momentum models from the loaded weights.
+    NOTE(faithful): off by default; the original copies before loading, so its momentum ViT
+    stays random and its momentum BERT is bert-base-uncased.
+    Returns the LoadReport; raises CheckpointError when the file does not fit.
     """
-    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, '__fspath__'):
+    source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else 'the given checkpoint'
+    if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_checkpoint(checkpoint)
-    state_dict = state_dict_of(checkpoint)
+    state_dict = state_dict_of(checkpoint, source)
     source_kind = source_kind or checkpoint_kind(state_dict)
     if source_kind == target_kind:
+        if _has_momentum(model.state_dict()) and not _has_momentum(state_dict):
+            report = load_checkpoint(model, state_dict, kind=target_kind,
+                                     allow_missing=ONLINE_ONLY.allow_missing)
+            model.copy_params()
+            return report
         return load_checkpoint(model, state_dict, kind=target_kind)
+    if evaluate and (source_kind, target_kind) not in ZERO_SHOT:
+        raise CheckpointError(f'--evaluate needs a fine-tuned {target_kind!r} checkpoint; '
+                              f'{source} looks like a {source_kind!r} checkpoint')
     rule = FINETUNE_RULES.get((source_kind, target_kind))
     if rule is None:
-        raise CheckpointError(f'no rule to fine-tune a {target_kind!r} model from a '
+        raise CheckpointError(f'{source}: no rule to start a {target_kind!r} model from a '
                               f'{source_kind!r} checkpoint; known: {sorted(FINETUNE_RULES)}')
     report = load_checkpoint(model, state_dict, kind=target_kind, remap=rule.remap,
                              allow_missing=rule.allow_missing,
@@ -318,4 +310,3 @@ def load_for_finetuning(model, checkpoint, source_kind=None, target_kind=None,
     if copy_momentum_after_load and hasattr(model, 'model_pairs'):
         model.copy_params()
     return report
-# ---- end fine-tuning from an earlier stage --------------------------------------------------

@@ -1,12 +1,12 @@
-"""Grad-CAM maps of ALBEF for weakly-supervised visual grounding (paper section 4.4, spec 8.7).
+"""Grad-CAM maps of ALBEF for weakly-supervised visual grounding (paper section 4.4).
 
 - itm mode: the cross-attention of one fusion layer (`text_encoder.encoder.layer[block_num]`),
   weighted by the gradient of the ITM "match" logit; a map per text token and their average.
 - itc mode: the [CLS] row of one ViT block's self-attention, weighted by the gradient of the
   image-text ITC similarity.
 Maps are on the patch grid of the model (image_res / patch_size per side), patch row-major.
-Works with any model exposing `visual_encoder`, `text_encoder` (a BertModel), `itm_head`, and for
-itc mode `vision_proj`, `text_proj`, `temp` (the retrieval model).
+Works with the pre-training and retrieval (grounding) models through the encoder API of
+models.albef_base.ALBEFBase.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,15 +36,6 @@ def default_block(bert_config):
     layer: only the [CLS] row of the last layer reaches the ITM head, so its word maps are 0."""
     fusion, layers = bert_config.fusion_layer, bert_config.num_hidden_layers
     return min(fusion + 2, max(fusion, layers - 2))
-
-
-def cross_attention(model, block_num):
-    """The cross-attention module of text-encoder layer `block_num` (a fusion layer)."""
-    layer = model.text_encoder.encoder.layer[block_num]
-    if not layer.has_cross_attention:
-        raise ValueError(f'text-encoder layer {block_num} has no cross-attention (fusion layers '
-                         f'start at {model.text_encoder.config.fusion_layer})')
-    return layer.crossattention.self
 
 
 @contextmanager
@@ -78,15 +69,12 @@ def itm_gradcam(model, image, text_ids, text_atts, block_num):
     `maps` averages the token maps over ALL L positions. NOTE(faithful): padded positions count
     as zeros in that mean, so a phrase's map is scaled by (its length / padded length).
     """
-    module = cross_attention(model, block_num)
+    module = model.cross_attention(block_num)
     with torch.enable_grad(), recording(module):
-        image_embeds = model.visual_encoder(image)  # (B, N, Dv)
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
-        hidden = model.text_encoder(text_ids, attention_mask=text_atts,
-                                    encoder_hidden_states=image_embeds,
-                                    encoder_attention_mask=image_atts,
-                                    return_dict=True).last_hidden_state  # multi_modal
-        logits = model.itm_head(hidden[:, 0])  # (B, 2)
+        image_embeds = model.encode_image(image)  # (B, N, Dv)
+        # The text layers then the fusion layers: the original's one multi_modal pass.
+        logits = model.itm_scores(model.encode_text(text_ids, text_atts), text_atts,
+                                  image_embeds)  # (B, 2)
         backward_from(model, logits[:, 1].sum())
     attention = module.get_attention_map().detach()
     gradients = module.get_attn_gradients().detach()
@@ -99,11 +87,8 @@ def itc_gradcam(model, image, text_ids, text_atts, block_num):
     """Grad-CAM of the matched-pair ITC similarity through ViT block `block_num`: the [CLS]
     query's attention over patches times its positive gradient, averaged over heads."""
     with torch.enable_grad():
-        image_embeds = model.visual_encoder(image, register_blk=block_num)
-        image_feat = F.normalize(model.vision_proj(image_embeds[:, 0]), dim=-1)  # (B, E)
-        text_embeds = model.text_encoder(text_ids, attention_mask=text_atts, return_dict=True,
-                                         mode='text').last_hidden_state
-        text_feat = F.normalize(model.text_proj(text_embeds[:, 0]), dim=-1)
+        image_feat = model.image_features(model.encode_image(image, register_blk=block_num))
+        text_feat = model.text_features(model.encode_text(text_ids, text_atts))  # (B, E)
         sim = image_feat @ text_feat.t() / model.temp  # (B, B)
         backward_from(model, sim.diag().sum())
     attn = model.visual_encoder.blocks[block_num].attn

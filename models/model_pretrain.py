@@ -66,25 +66,14 @@ class ALBEF(ALBEFBase):
                                     image_embeds_m, alpha, masked_ids=masked_ids, labels=mlm_labels)
         return loss_mlm, loss_ita, loss_itm
 
-    def encode(self, image, text):
-        """Unimodal encodings: token sequences and normalised [CLS] features."""
-        image_embeds = self.visual_encoder(image)  # (B, N, Dv)
-        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)  # (B, E)
-        text_embeds = self.text_encoder.bert(text.input_ids, attention_mask=text.attention_mask,
-                                             return_dict=True, mode='text').last_hidden_state
-        text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)  # (B, E)
-        return image_embeds, image_feat, text_embeds, text_feat
-
     @torch.no_grad()
     def momentum_features(self, image, text):
         # NOTE(faithful): the EMA step runs here, before the teacher forward, every call.
         self._momentum_update()
-        image_embeds_m = self.visual_encoder_m(image)
-        image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
-        text_out_m = self.text_encoder_m.bert(text.input_ids, attention_mask=text.attention_mask,
-                                              return_dict=True, mode='text')
-        text_feat_m = F.normalize(self.text_proj_m(text_out_m.last_hidden_state[:, 0]), dim=-1)
-        return image_feat_m, text_feat_m, image_embeds_m
+        image_embeds_m = self.encode_image(image, momentum=True)
+        image_feat_m = self.image_features(image_embeds_m, momentum=True)
+        text_embeds_m = self.encode_text(text.input_ids, text.attention_mask, momentum=True)
+        return image_feat_m, self.text_features(text_embeds_m, momentum=True), image_embeds_m
 
     def forward_itc(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha):
         sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m = self.itc_similarities(
@@ -96,13 +85,6 @@ class ALBEF(ALBEFBase):
             sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
         loss_ita = (itc_loss(sim_i2t, sim_i2t_targets) + itc_loss(sim_t2i, sim_t2i_targets)) / 2
         return loss_ita, sim_i2t, sim_t2i
-
-    def fusion(self, text_embeds, text_atts, image_embeds):
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        return self.text_encoder.bert(encoder_embeds=text_embeds, attention_mask=text_atts,
-                                      encoder_hidden_states=image_embeds,
-                                      encoder_attention_mask=image_atts, return_dict=True,
-                                      mode='fusion').last_hidden_state
 
     @torch.no_grad()
     def negative_weights(self, sim_i2t, sim_t2i):

@@ -67,32 +67,11 @@ class ALBEF(ALBEFBase):
                                     sim_i2t, sim_t2i, neg_img_idx, neg_txt_idx)
         return loss_ita, loss_itm
 
-    def image_features(self, image_embeds, momentum=False):
-        proj = self.vision_proj_m if momentum else self.vision_proj
-        return F.normalize(proj(image_embeds[:, 0]), dim=-1)  # (B, E)
-
-    def text_features(self, text_embeds, momentum=False):
-        proj = self.text_proj_m if momentum else self.text_proj
-        return F.normalize(proj(text_embeds[:, 0]), dim=-1)  # (B, E)
-
-    def encode_text(self, input_ids, attention_mask, momentum=False):
-        """The unimodal text layers [0, fusion_layer): token states (B, L, D)."""
-        encoder = self.text_encoder_m if momentum else self.text_encoder
-        return encoder(input_ids, attention_mask=attention_mask, return_dict=True,
-                       mode='text').last_hidden_state
-
-    def encode(self, image, text):
-        """Unimodal encodings: token sequences and normalised [CLS] features."""
-        image_embeds = self.visual_encoder(image)  # (B, N, Dv)
-        text_embeds = self.encode_text(text.input_ids, text.attention_mask)  # (B, L, D)
-        return (image_embeds, self.image_features(image_embeds), text_embeds,
-                self.text_features(text_embeds))
-
     @torch.no_grad()
     def momentum_features(self, image, text):
         # NOTE(faithful): the EMA step runs here, before the teacher forward, every call.
         self._momentum_update()
-        image_feat_m = self.image_features(self.visual_encoder_m(image), momentum=True)
+        image_feat_m = self.image_features(self.encode_image(image, momentum=True), momentum=True)
         text_embeds_m = self.encode_text(text.input_ids, text.attention_mask, momentum=True)
         return image_feat_m, self.text_features(text_embeds_m, momentum=True)
 
@@ -111,19 +90,6 @@ class ALBEF(ALBEFBase):
             targets_i2t, targets_t2i = self.itc_targets(idx, sim_i2t_m, sim_t2i_m, alpha)
         loss_ita = (itc_loss(sim_i2t, targets_i2t) + itc_loss(sim_t2i, targets_t2i)) / 2
         return loss_ita, sim_i2t, sim_t2i
-
-    def fusion(self, text_embeds, text_atts, image_embeds):
-        """The fusion layers [fusion_layer, L) on text states, cross-attending to image tokens."""
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long,
-                                device=image_embeds.device)
-        return self.text_encoder(encoder_embeds=text_embeds, attention_mask=text_atts,
-                                 encoder_hidden_states=image_embeds,
-                                 encoder_attention_mask=image_atts, return_dict=True,
-                                 mode='fusion').last_hidden_state
-
-    def itm_scores(self, text_embeds, text_atts, image_embeds):
-        """ITM logits (B, 2) of (text, image) pairs; column 1 is "match"."""
-        return self.itm_head(self.fusion(text_embeds, text_atts, image_embeds)[:, 0])
 
     @torch.no_grad()
     def negative_weights(self, sim_i2t, sim_t2i, idx):

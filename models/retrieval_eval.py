@@ -1,4 +1,4 @@
-"""Image-text retrieval evaluation (paper section 4.1, spec section 8.4) as library functions.
+"""Image-text retrieval evaluation (paper section 4.1) as library functions.
 
 Candidates are ranked by ITC cosine similarity; the top `k_test` of every query are re-scored by
 the fusion encoder (raw ITM "match" logit) and every other cell stays -100. Two equivalent paths:
@@ -46,7 +46,7 @@ def encode_images(model, images):
     device = next(model.parameters()).device
     for batch in batches:
         batch = batch if torch.is_tensor(batch) else batch[0]
-        image_embeds = model.visual_encoder(batch.to(device))
+        image_embeds = model.encode_image(batch.to(device))
         embeds.append(image_embeds)
         feats.append(model.image_features(image_embeds))
     return torch.cat(embeds), torch.cat(feats)
@@ -86,10 +86,10 @@ def encode_images_sharded(model, images, rank, world_size):
         last = batch if torch.is_tensor(batch) else batch[0]
         sizes.append(last.size(0))
         if b % world_size == rank:
-            image_embeds = model.visual_encoder(last.to(device))
+            image_embeds = model.encode_image(last.to(device))
             mine.append((image_embeds, model.image_features(image_embeds)))
     if not mine:  # fewer batches than ranks: the shapes from a one-image pass
-        image_embeds = model.visual_encoder(last[:1].to(device))
+        image_embeds = model.encode_image(last[:1].to(device))
         mine.append((image_embeds[:0], model.image_features(image_embeds)[:0]))
     empty = tuple(t[:0] for t in mine[0])
     rows = max(sizes)
@@ -117,7 +117,7 @@ def _top_k(sims, k_test):
 
 @torch.no_grad()
 def itm_score_matrices_plain(model, image_embeds, text_embeds, text_atts, sims, k_test,
-                             rank=0, world_size=1):
+                             rank=0, world_size=1, progress=None):
     """(score_i2t (I, T), score_t2i (T, I)) exactly as the original evaluation loop.
 
     With several ranks each computes a block of rows and the matrices are summed across ranks.
@@ -133,7 +133,7 @@ def itm_score_matrices_plain(model, image_embeds, text_embeds, text_atts, sims, 
         if start >= end:
             continue
         top = _top_k(query_sims[start:end], k_test)
-        for row, topk_idx in zip(range(start, end), top):
+        for row, topk_idx in (progress or iter)(list(zip(range(start, end), top))):
             k = topk_idx.numel()
             if scores is score_i2t:  # image `row` against its k texts
                 logits = model.itm_scores(text_embeds[topk_idx], text_atts[topk_idx],
@@ -201,7 +201,7 @@ def _fusion_cls(encoder, first_attention, text_atts, key_values):
 
 @torch.no_grad()
 def score_pairs(model, image_embeds, text_embeds, text_atts, image_idx, text_idx,
-                pair_batch=256, image_batch=32, trim_padding=True):
+                pair_batch=256, image_batch=32, trim_padding=True, progress=None):
     """Raw ITM match logits (P,) of the pairs (image_idx[p], text_idx[p]).
 
     Pairs must be grouped by image (sorted image_idx). The first fusion layer's self-attention
@@ -225,7 +225,8 @@ def score_pairs(model, image_embeds, text_embeds, text_atts, image_idx, text_idx
     pair_len = lengths[text_idx]
     bounds = torch.searchsorted(image_idx, torch.arange(0, image_embeds.size(0) + image_batch,
                                                         image_batch, device=image_idx.device))
-    for chunk, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+    chunks = list(enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())))
+    for chunk, (lo, hi) in (progress or iter)(chunks):
         if lo == hi:
             continue
         first = chunk * image_batch
@@ -249,7 +250,8 @@ def rank_share(count, rank, world_size):
 
 @torch.no_grad()
 def itm_score_matrices(model, image_embeds, text_embeds, text_atts, sims, k_test, rank=0,
-                       world_size=1, pair_batch=256, image_batch=32, trim_padding=True):
+                       world_size=1, pair_batch=256, image_batch=32, trim_padding=True,
+                       progress=None):
     """The plain path's (score_i2t, score_t2i), computed faster (see the module docstring).
 
     With several ranks each scores an equal share of the pairs and the scores are summed over
@@ -266,7 +268,8 @@ def itm_score_matrices(model, image_embeds, text_embeds, text_atts, sims, k_test
     mine = rank_share(pairs.numel(), rank, world_size)
     scores = torch.zeros(pairs.numel(), dtype=sims.dtype, device=sims.device)
     scores[mine] = score_pairs(model, image_embeds, text_embeds, text_atts, image_idx[mine],
-                               text_idx[mine], pair_batch, image_batch, trim_padding).to(sims.dtype)
+                               text_idx[mine], pair_batch, image_batch, trim_padding,
+                               progress).to(sims.dtype)
     if _distributed(world_size):
         dist.all_reduce(scores, op=dist.ReduceOp.SUM)  # each pair is scored on one rank only
     score_i2t = torch.full((n_img, n_txt), -100.0, dtype=sims.dtype, device=sims.device)
@@ -280,11 +283,12 @@ def itm_score_matrices(model, image_embeds, text_embeds, text_atts, sims, k_test
 
 @torch.no_grad()
 def evaluation(model, images, text_ids, text_atts, k_test, fast=True, rank=0, world_size=1,
-               text_batch=256, **fast_options):
+               text_batch=256, progress=None, **fast_options):
     """Score matrices (score_i2t (I, T), score_t2i (T, I)) of a retrieval split, in eval mode.
 
     images: a tensor or an iterable of image batches in dataset order; text_ids/text_atts: all
-    captions tokenised as in the original (padded to 30 tokens).
+    captions tokenised as in the original (padded to 30 tokens). progress: wraps the ITM
+    re-ranking loop (e.g. a MetricLogger.log_every, for an ETA); it needs a sized iterable.
     """
     was_training = model.training
     model.eval()
@@ -296,11 +300,11 @@ def evaluation(model, images, text_ids, text_atts, k_test, fast=True, rank=0, wo
         else:  # NOTE(faithful): the original encodes the whole split on every rank
             text_embeds, text_feats = encode_texts(model, text_ids, text_atts, text_batch)
             image_embeds, image_feats = encode_images(model, images)
-        sims = itc_similarity(image_feats, text_feats)
+        sims = itc_similarity(image_feats, text_feats).float()  # float32 under autocast too
         score = itm_score_matrices if fast else itm_score_matrices_plain
         kwargs = fast_options if fast else {}
         return score(model, image_embeds, text_embeds, text_atts, sims, k_test, rank=rank,
-                     world_size=world_size, **kwargs)
+                     world_size=world_size, progress=progress, **kwargs)
     finally:
         model.train(was_training)
 

@@ -417,9 +417,18 @@ class BertPooler(nn.Module):
 class BertPreTrainedModel(nn.Module):
     """Weight init and pretrained-weight loading shared by the BERT models."""
 
+    base_model_prefix = 'bert'
+
     def __init__(self, config):
         super().__init__()
         self.config = config
+
+    @property
+    def base_model(self):
+        """The BertModel inside (itself for a BertModel), as transformers' `base_model`: the
+        original's Grounding.py and Grad-CAM notebook reach the cross-attention through
+        `text_encoder.base_model.base_model.encoder.layer[k].crossattention.self`."""
+        return getattr(self, self.base_model_prefix, self)
 
     def init_weights(self):
         std = self.config.initializer_range

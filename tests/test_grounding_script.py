@@ -67,14 +67,14 @@ def test_heatmaps_at_any_resolution(setup):
 
     from models.gradcam import heatmaps
     from models.model_retrieval import ALBEF
-    from models.checkpoint import load_retrieval_checkpoint
+    from models.checkpoint import load_weights
     from models.tokenization_bert import BertTokenizer
     from utils import load_config
     config_path, pretrained = setup
     config = load_config(config_path)
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
     model = ALBEF(config=config, tokenizer=tokenizer)
-    load_retrieval_checkpoint(model, pretrained)
+    load_weights(model, pretrained, 'retrieval')
     model.eval()
     text = tokenizer(['a red circle', 'the big blue square'], padding='longest', return_tensors='pt')
     image = torch.randn(2, 3, config['image_res'], config['image_res'])

@@ -1,11 +1,11 @@
 """The full-size retrieval/grounding model has exactly the released state-dict layout
-(../shared/reference/state_dict_manifests.json, built on the meta device), and the three
+(tests/fixtures/original/state_dict_manifests.json, built on the meta device), and the three
 checkpoint layouts it is fed (pre-trained, retrieval training save, released online-only file)
 load with the expected differences."""
 import pytest
 import torch
 
-from models.checkpoint import (CheckpointError, load_retrieval_checkpoint, read_checkpoint,
+from models.checkpoint import (CheckpointError, load_weights, read_checkpoint,
                                state_dict_of)
 from models.model_retrieval import ALBEF
 from tests.reference import STUB_TOKENIZER, load_kind
@@ -32,7 +32,7 @@ def test_pretrained_checkpoint_is_renamed_into_the_retrieval_model():
     model, _ = tiny_model()
     _, pretrain_checkpoint, _, _ = load_kind('pretrain')  # same tiny sizes
     source = state_dict_of(read_checkpoint(pretrain_checkpoint))
-    report = load_retrieval_checkpoint(model, pretrain_checkpoint)
+    report = load_weights(model, pretrain_checkpoint, 'retrieval')
     assert report.expected_missing == ['idx_queue']
     assert sorted(report.expected_unexpected) == sorted(
         k for k in source if '.cls.predictions.' in k)
@@ -51,7 +51,7 @@ def test_released_online_only_file_initialises_momentum_from_online_weights():
     full = state_dict_of(read_checkpoint(checkpoint))
     online = {k: v for k, v in full.items()
               if '_m.' not in k and k not in ('image_queue', 'text_queue', 'idx_queue', 'queue_ptr')}
-    report = load_retrieval_checkpoint(model, online)
+    report = load_weights(model, online, 'retrieval')
     # position_ids buffers are tolerated, not "expected": every other absent key is expected.
     assert set(report.expected_missing) == set(full) - set(online) - {
         'text_encoder_m.embeddings.position_ids'}
@@ -64,9 +64,9 @@ def test_released_online_only_file_initialises_momentum_from_online_weights():
 
 def test_full_retrieval_checkpoint_loads_strictly():
     model, checkpoint = tiny_model()
-    report = load_retrieval_checkpoint(model, checkpoint)
+    report = load_weights(model, checkpoint, 'retrieval')
     assert not report.expected_missing and not report.expected_unexpected
     full = state_dict_of(read_checkpoint(checkpoint))
     broken = {k: v for k, v in full.items() if k != 'text_proj_m.bias'}
     with pytest.raises(CheckpointError, match='text_proj_m.bias'):
-        load_retrieval_checkpoint(model, broken)
+        load_weights(model, broken, 'retrieval')

@@ -1,6 +1,7 @@
 """The full-size VQA, NLVR2, SNLI-VE and text-assignment models, built from the paper configs,
 have exactly the keys, shapes and dtypes (in order) of the original state dicts
-(../shared/reference/state_dict_manifests.json). Built on the meta device: no memory, no time."""
+(tests/fixtures/original/state_dict_manifests.json). Built on the meta device: no memory,
+no time."""
 import importlib
 
 import pytest
@@ -47,12 +48,12 @@ def manifest_state_dict(kind):
 def test_full_size_fine_tuning_rules_account_for_every_key(source, target):
     """Released-layout checkpoint -> full-size model: everything loads except what the
     original leaves out on purpose (spec 9); anything else would raise CheckpointError."""
-    from models.checkpoint import load_for_finetuning
+    from models.checkpoint import load_weights
     module, config_path = CASES[target]
     ALBEF = importlib.import_module(module).ALBEF
     with torch.device('meta'):
         model = ALBEF(config=load_config(config_path), text_encoder=None, tokenizer=STUB_TOKENIZER)
-    report = load_for_finetuning(model, manifest_state_dict(source), source_kind=source,
+    report = load_weights(model, manifest_state_dict(source), source_kind=source,
                                  target_kind=target)
     missing = {k.split('.')[0] for k in report.expected_missing}
     unexpected = {k.split('.')[0] for k in report.expected_unexpected}
@@ -92,9 +93,9 @@ def tiny_pretrain():
 
 
 def test_vqa_from_pretrain_moves_fusion_layers_into_the_decoder(tiny_pretrain):
-    from models.checkpoint import load_for_finetuning
+    from models.checkpoint import load_weights
     model = tiny_model('vqa', image_res=128)  # 8x8 grid: pos_embed is interpolated
-    load_for_finetuning(model, tiny_pretrain, target_kind='vqa')  # source kind guessed
+    load_weights(model, tiny_pretrain, target_kind='vqa')  # source kind guessed
     state = model.state_dict()
     for suffix in ('', '_m'):  # tiny: 4 layers, fusion 2 -> decoder layers 0, 1 = layers 2, 3
         key = 'encoder.layer.{}.crossattention.self.key.weight'
@@ -110,9 +111,9 @@ def test_vqa_from_pretrain_moves_fusion_layers_into_the_decoder(tiny_pretrain):
 
 
 def test_text_assignment_from_pretrain_duplicates_each_fusion_layer(tiny_pretrain):
-    from models.checkpoint import load_for_finetuning
+    from models.checkpoint import load_weights
     model = tiny_model('pretrain_nlvr')
-    report = load_for_finetuning(model, tiny_pretrain, 'pretrain', 'pretrain_nlvr')
+    report = load_weights(model, tiny_pretrain, 'pretrain_nlvr', 'pretrain')
     layers = model.text_encoder.encoder.layer
     for src, dst in [(2, 2), (2, 3), (3, 4), (3, 5)]:
         key = f'text_encoder.bert.encoder.layer.{src}.crossattention.self.query.weight'
@@ -124,11 +125,11 @@ def test_text_assignment_from_pretrain_duplicates_each_fusion_layer(tiny_pretrai
 
 @pytest.mark.parametrize('copy_after', [False, True])
 def test_nlvr_from_text_assignment_momentum_start(copy_after):
-    from models.checkpoint import load_for_finetuning, read_checkpoint, state_dict_of
+    from models.checkpoint import load_weights, read_checkpoint, state_dict_of
     from tests.reference import load_kind
     ta = state_dict_of(read_checkpoint(load_kind('pretrain_nlvr')[1]))
     model = tiny_model('nlvr')
-    load_for_finetuning(model, ta, 'pretrain_nlvr', 'nlvr', copy_momentum_after_load=copy_after)
+    load_weights(model, ta, 'nlvr', 'pretrain_nlvr', copy_momentum_after_load=copy_after)
     key = 'encoder.layer.4.crossattention.self.value.weight'
     assert torch.equal(model.text_encoder.state_dict()[key], ta[f'text_encoder.{key}'])
     # NOTE(faithful) default: the momentum encoders keep their pre-load (random) weights
@@ -137,12 +138,12 @@ def test_nlvr_from_text_assignment_momentum_start(copy_after):
 
 
 def test_ve_from_pretrain_and_unknown_pairs(tiny_pretrain):
-    from models.checkpoint import CheckpointError, load_for_finetuning
+    from models.checkpoint import CheckpointError, load_weights
     model = tiny_model('ve')
-    load_for_finetuning(model, tiny_pretrain, 'pretrain', 've')
+    load_weights(model, tiny_pretrain, 've', 'pretrain')
     assert torch.equal(model.text_encoder_m.embeddings.word_embeddings.weight,
                        tiny_pretrain['text_encoder_m.bert.embeddings.word_embeddings.weight'])
     with pytest.raises(CheckpointError, match='no rule'):
-        load_for_finetuning(tiny_model('vqa'), tiny_pretrain, 'pretrain', 'nlvr')
+        load_weights(tiny_model('vqa'), tiny_pretrain, 'nlvr', 'pretrain')
     with pytest.raises(CheckpointError):  # a VE checkpoint is not a VQA one
-        load_for_finetuning(tiny_model('vqa'), model.state_dict(), 've', 've')
+        load_weights(tiny_model('vqa'), model.state_dict(), 've', 've')

@@ -1,5 +1,5 @@
 """Parity of Grad-CAM and grounding box scoring with the original Grounding.py `val()` and
-`grounding_eval` (../shared/reference/tiny_a/grounding, see its README)."""
+`grounding_eval` (tests/fixtures/original/tiny_a/grounding, see its README.md)."""
 import types
 
 import pytest
@@ -94,9 +94,9 @@ def test_itc_gradcam(fixture, cams):
 
 def test_gradcam_leaves_the_model_unchanged(fixture, model, cams):
     config, _, _, _ = fixture
-    assert not gradcam.cross_attention(model, config['block_num']).save_attention
+    assert not model.cross_attention(config['block_num']).save_attention
     with pytest.raises(ValueError, match='no cross-attention'):
-        gradcam.cross_attention(model, 0)
+        model.cross_attention(0)
     with pytest.raises(ValueError, match='gradcam mode'):
         gradcam.gradcam(model, None, None, None, mode='xyz')
 

@@ -1,4 +1,4 @@
-"""Exact resumption (resume.py): a Pretrain.py run killed part-way through an epoch and resumed
+"""Exact resumption (engine.Run, dataset/loaders.py): a Pretrain.py run killed part-way through an epoch and resumed
 ends with the same parameters, queues and optimizer state as a run never interrupted, in one
 process and in two processes under torchrun (gloo). Also the sampler, the checkpoint rotation
 and the non-finite-loss policy."""
@@ -13,11 +13,12 @@ import pytest
 import torch
 
 import Pretrain
-import resume
+import engine
+from dataset.loaders import ResumableSampler, SeededDataset
 from dataset.synthetic import generate
 from tests.tiny import ROOT, tiny_config
 
-EXIT_CODE = 75  # resume.TrainingRun's abrupt exit
+EXIT_CODE = 75  # engine.Run's abrupt exit
 
 
 @pytest.fixture(scope='module')
@@ -32,9 +33,9 @@ def config_path(tmp_path_factory):
 
 def pretrain(config_path, output_dir, *opts, nproc=1, exit_after=None, resume_run=False):
     env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'}
-    env.pop(resume.EXIT_AFTER_STEPS_ENV, None)
+    env.pop(engine.EXIT_AFTER_STEPS_ENV, None)
     if exit_after is not None:
-        env[resume.EXIT_AFTER_STEPS_ENV] = str(exit_after)
+        env[engine.EXIT_AFTER_STEPS_ENV] = str(exit_after)
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ['-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
@@ -135,7 +136,7 @@ def test_sampler_matches_distributed_sampler_and_skips_seen_samples():
     data = list(range(23))
     for world, rank in ((1, 0), (2, 1), (3, 2)):
         reference = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, seed=0)
-        sampler = resume.ResumableSampler(data, world, rank, seed=7)
+        sampler = ResumableSampler(data, world, rank, seed=7)
         for epoch in (0, 3):
             reference.set_epoch(epoch)
             sampler.set_epoch(epoch)
@@ -145,7 +146,7 @@ def test_sampler_matches_distributed_sampler_and_skips_seen_samples():
             sampler.start = 4
             assert list(sampler) == full[4:] and len(sampler) == len(full) - 4
     # seeds depend on the epoch and the place in the permutation, and differ between ranks
-    a, b = resume.ResumableSampler(data, 2, 0), resume.ResumableSampler(data, 2, 1)
+    a, b = ResumableSampler(data, 2, 0), ResumableSampler(data, 2, 1)
     seeds_a, seeds_b = [s for _, s in a], [s for _, s in b]
     assert len(set(seeds_a) | set(seeds_b)) == len(seeds_a) + len(seeds_b)
     a.set_epoch(1)
@@ -160,7 +161,7 @@ def test_seeded_dataset_is_deterministic_and_leaves_global_rng_alone():
         def __getitem__(self, index):
             return torch.rand(2)
 
-    dataset = resume.SeededDataset(Noise())
+    dataset = SeededDataset(Noise())
     torch.manual_seed(0)
     expected_next = torch.rand(1)
     torch.manual_seed(0)
@@ -173,6 +174,6 @@ def test_checkpoint_ordering_and_names(tmp_path):
     for name in ('checkpoint_00_step000004.pth', 'checkpoint_00.pth', 'checkpoint_01_step000002.pth',
                  'checkpoint_00_step000002.pth', 'checkpoint_best.pth', 'other.pth'):
         (tmp_path / name).write_bytes(b'')
-    assert [os.path.basename(p) for p in resume.checkpoints(tmp_path)] == [
+    assert [os.path.basename(p) for p in engine.checkpoints(tmp_path)] == [
         'checkpoint_01_step000002.pth', 'checkpoint_00.pth', 'checkpoint_00_step000004.pth',
         'checkpoint_00_step000002.pth']

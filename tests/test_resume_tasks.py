@@ -3,7 +3,7 @@ text-assignment pre-training): a run killed inside an epoch, or during the evalu
 an epoch, and resumed with --resume ends with the same parameters, optimizer state, metrics and
 best epoch as a run never interrupted.
 
-The kill is the ALBEF_EXIT_AFTER_STEPS hook of resume.TrainingRun, made to raise instead of
+The kill is the ALBEF_EXIT_AFTER_STEPS hook of engine.Run, made to raise instead of
 ending the process so that everything runs in this process (a subprocess per run would cost
 more than the runs); nothing in the scripts catches it, so no checkpoint is written on the way
 out. tests/test_resume.py kills real processes (Pretrain.py, one process and torchrun).
@@ -20,7 +20,7 @@ import Pretrain_nlvr
 import Retrieval
 import VE
 import VQA
-import resume
+import engine
 from tests.tiny import synthetic_with_pretrained, tiny_config
 
 
@@ -36,7 +36,7 @@ class Script:
     steps_per_epoch: int     # single process, on the tiny synthetic data
     from_pretrained: bool = True
     args: tuple = ()
-    evaluates: bool = True   # evaluates after each epoch (resume.TrainingRun's `evaluates`)
+    evaluates: bool = True   # evaluates after each epoch (engine.Run's `evaluates`)
 
 
 SCRIPTS = {
@@ -88,7 +88,7 @@ def uninterrupted(setup, name):
 
 
 def final_checkpoint(output_dir):
-    return torch.load(resume.checkpoints(output_dir)[0], weights_only=False)
+    return torch.load(engine.checkpoints(output_dir)[0], weights_only=False)
 
 
 def assert_same_training_state(a_dir, b_dir):
@@ -123,9 +123,9 @@ def metrics(name, result):
 def kill(monkeypatch, after_steps=None):
     def exit_abruptly(code):
         raise Killed(code)
-    monkeypatch.setattr(resume, 'exit_abruptly', exit_abruptly)
+    monkeypatch.setattr(engine, 'exit_abruptly', exit_abruptly)
     if after_steps is not None:
-        monkeypatch.setenv(resume.EXIT_AFTER_STEPS_ENV, str(after_steps))
+        monkeypatch.setenv(engine.EXIT_AFTER_STEPS_ENV, str(after_steps))
 
 
 @pytest.mark.parametrize('name', SCRIPTS)
@@ -138,8 +138,8 @@ def test_killed_inside_an_epoch_and_resumed_equals_uninterrupted(setup, name, tm
     kill(monkeypatch, after_steps=steps + 2)
     with pytest.raises(Killed):
         run(setup, name, killed)
-    monkeypatch.delenv(resume.EXIT_AFTER_STEPS_ENV)
-    newest = resume.checkpoints(killed)[0]
+    monkeypatch.delenv(engine.EXIT_AFTER_STEPS_ENV)
+    newest = engine.checkpoints(killed)[0]
     assert newest.endswith('checkpoint_01_step000001.pth')
     epoch_end = 'checkpoint_00_step%06d.pth' % steps if script.evaluates else 'checkpoint_00.pth'
     assert (killed / epoch_end).is_file()
@@ -157,7 +157,7 @@ def test_killed_inside_an_epoch_and_resumed_equals_uninterrupted(setup, name, tm
 
 
 @pytest.mark.parametrize('name, evaluation', [('ve', 'evaluate_accuracy'),
-                                              ('retrieval', 'evaluate'),
+                                              ('retrieval', 'evaluation'),
                                               ('vqa', 'answer_questions')])
 def test_killed_during_evaluation_and_resumed_evaluates_that_epoch(setup, name, evaluation,
                                                                    tmp_path, monkeypatch):
@@ -165,7 +165,7 @@ def test_killed_during_evaluation_and_resumed_evaluates_that_epoch(setup, name, 
     run does not train that epoch again, evaluates it, and ends as the uninterrupted run."""
     whole, expected = uninterrupted(setup, name)
     killed = tmp_path / 'killed'
-    module = SCRIPTS[name].module
+    module = engine if evaluation == 'evaluate_accuracy' else SCRIPTS[name].module
     original = getattr(module, evaluation)
 
     def dies(*args, **kwargs):
@@ -174,7 +174,7 @@ def test_killed_during_evaluation_and_resumed_evaluates_that_epoch(setup, name, 
     with pytest.raises(Killed):
         run(setup, name, killed)
     monkeypatch.setattr(module, evaluation, original)
-    resumed_from = resume.checkpoints(killed)[0]
+    resumed_from = engine.checkpoints(killed)[0]
     position = torch.load(resumed_from, weights_only=False)['resume']
     result = run(setup, name, killed, '--resume')
 

@@ -86,7 +86,7 @@ def test_evaluate_a_pretraining_checkpoint(setup, tmp_path):
 
     # and the loaded model holds the pre-trained tensors themselves (both runs start from the
     # same seeded random model, so equal figures alone would not show that anything loaded)
-    from models.checkpoint import load_retrieval_checkpoint
+    from models.checkpoint import load_weights
     from models.model_retrieval import ALBEF
     from models.tokenization_bert import BertTokenizer
     from utils import load_config
@@ -94,7 +94,7 @@ def test_evaluate_a_pretraining_checkpoint(setup, tmp_path):
     config = load_config(config_path)
     model = ALBEF(config=config, text_encoder=None,
                   tokenizer=BertTokenizer.from_pretrained(config['tokenizer']))
-    report = load_retrieval_checkpoint(model, data / 'pretrained.pth')
+    report = load_weights(model, data / 'pretrained.pth', 'retrieval')
     assert not report.errors and report.expected_missing == ['idx_queue']
     assert report.expected_unexpected and all('.cls.predictions.' in k
                                               for k in report.expected_unexpected)
@@ -110,12 +110,12 @@ def test_zero_shot_configs(name, like):
     """The zero-shot configs validate for the retrieval task on the paper's 8 GPUs, and their
     model matches the checkpoint they are meant for: Flickr30K from a COCO-fine-tuned file at its
     384 px; COCO from a pre-training file at its own 256 px and queue (which are loaded as is)."""
-    import config_schema
+    import utils
     from tests.tiny import ROOT
     from utils import load_config
 
-    config = config_schema.with_defaults(load_config(ROOT / 'configs' / name), 'retrieval')
-    assert config_schema.validate(config, 'retrieval', world_size=8) is config
+    config = utils.with_defaults(load_config(ROOT / 'configs' / name), 'retrieval')
+    assert utils.validate(config, 'retrieval', world_size=8) is config
     source = load_config(ROOT / 'configs' / like)
     for key in ('image_res', 'patch_size', 'vision_width', 'vit_depth', 'vit_heads', 'embed_dim',
                 'bert_config', 'queue_size'):

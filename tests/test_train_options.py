@@ -1,4 +1,4 @@
-"""The speed and memory options (train_options.py): activation checkpointing, torch.compile and
+"""The speed and memory options (engine.py): activation checkpointing, torch.compile and
 bf16 give the same training step; gradient accumulation gives the same update as one large
 batch where that holds; optimizer_sharding: zero matches AdamW across two processes."""
 import copy
@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from engine import autocast_context, train_one_epoch
 from tests.test_distributed import torchrun
 from tests.test_engine import RecordingScheduler, make_model, toy_losses
 from tests.test_fast_train import inputs, plain_and_fast, step
-from train_options import (TRAIN_OPTION_KEYS, accum_steps, build_optimizer, compile_layers,
-                           configure_model, set_grad_checkpointing)
+import utils
+from engine import (accum_steps, autocast_context, build_optimizer, compile_layers,
+                    configure_model, set_grad_checkpointing, train_one_epoch)
 
 
 def grads(model):
@@ -84,12 +84,17 @@ def test_bf16_autocast_trains_the_model_on_cpu():
 
 def test_configure_model_reads_the_config_keys():
     _, model = plain_and_fast()
-    configure_model(model, {'grad_checkpointing': True})
+    configure_model(model, {'grad_checkpointing': True, 'compile': False})
     assert model.visual_encoder.gradient_checkpointing and model.text_encoder.bert.encoder.gradient_checkpointing
-    configure_model(model, {})
+    configure_model(model, utils.with_defaults({}, 'pretrain'))
     assert not model.visual_encoder.gradient_checkpointing
-    assert set(TRAIN_OPTION_KEYS) == {'fast_train', 'precision', 'grad_checkpointing', 'compile',
-                                      'accum_steps', 'optimizer_sharding'}
+    options = {'fast_train': True, 'precision': 'fp32', 'grad_checkpointing': False,
+               'compile': False, 'accum_steps': 1, 'optimizer_sharding': 'none',
+               'num_workers': 4, 'print_freq': 50}
+    for task in utils.TASKS:  # every option has its default in every task's config
+        defaults = utils.with_defaults({'optimizer': {}}, task)
+        assert {k: defaults[k] for k in options} == options and defaults['optimizer'] == {'fused': False}
+    assert utils.with_defaults({}, 'retrieval')['fast_eval'] is True
     assert accum_steps({}) == 1 and accum_steps({'accum_steps': 4}) == 4
     for bad in (0, -1, 2.0, True, '2'):
         with pytest.raises(ValueError, match='accum_steps'):

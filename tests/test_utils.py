@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 import utils
+from models.checkpoint import CheckpointError, read_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,10 +121,13 @@ def test_str2bool():
 
 def test_args_parser():
     parser = utils.get_args_parser('test')
-    parser.add_argument('--resume', default=False, type=utils.str2bool)
     args = parser.parse_args(['--config', 'c.yaml', '--output_dir', 'out', '--resume', 'false',
                               '--opts', 'optimizer.lr=2e-5', 'distill=false'])
-    assert args.resume is False
+    assert args.resume is False and args.evaluate is False and args.debug is False
+    # --resume alone: the newest checkpoint of --output_dir; with a path: that file
+    assert parser.parse_args(['--config', 'c', '--output_dir', 'o', '--resume']).resume is True
+    assert parser.parse_args(['--config', 'c', '--output_dir', 'o', '--resume',
+                              'out/checkpoint_03.pth']).resume == 'out/checkpoint_03.pth'
     assert args.opts == ['optimizer.lr=2e-5', 'distill=false']
     assert (args.checkpoint, args.text_encoder, args.seed, args.world_size, args.dist_url) == \
         ('', None, 42, 1, 'env://')
@@ -240,7 +244,7 @@ def test_log_every_logs_progress(caplog):
 def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / 'checkpoint_00.pth'
     utils.save_checkpoint({'model': {'w': torch.ones(3)}, 'epoch': 0}, str(path))
-    assert utils.load_checkpoint_file(str(path))['epoch'] == 0
+    assert read_checkpoint(str(path))['epoch'] == 0
 
     def crash(obj, f, *args, **kwargs):
         f.write(b'PK\x03\x04 partial bytes')
@@ -250,11 +254,11 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
         utils.save_checkpoint({'model': {'w': torch.zeros(3)}, 'epoch': 1}, str(path))
     monkeypatch.undo()
 
-    state = utils.load_checkpoint_file(str(path))
+    state = read_checkpoint(str(path))
     assert state['epoch'] == 0 and torch.equal(state['model']['w'], torch.ones(3))
     assert os.listdir(tmp_path) == ['checkpoint_00.pth']  # no temporary file left behind
     utils.save_checkpoint({'epoch': 1}, str(path))
-    assert utils.load_checkpoint_file(str(path)) == {'epoch': 1}
+    assert read_checkpoint(str(path)) == {'epoch': 1}
 
 
 @pytest.mark.parametrize('cut', [0, 10, 100, 0.5])
@@ -264,13 +268,13 @@ def test_load_truncated_checkpoint_names_file(tmp_path, cut):
     data = good.read_bytes()
     bad = tmp_path / 'bad.pth'
     bad.write_bytes(data[:int(len(data) * cut) if isinstance(cut, float) else cut])
-    with pytest.raises(RuntimeError, match='bad.pth.*truncated'):
-        utils.load_checkpoint_file(str(bad))
+    with pytest.raises(CheckpointError, match='bad.pth.*truncated'):
+        read_checkpoint(str(bad))
 
 
 def test_load_missing_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match='missing.pth'):
-        utils.load_checkpoint_file(str(tmp_path / 'missing.pth'))
+    with pytest.raises(CheckpointError, match='missing.pth.*does not exist'):
+        read_checkpoint(str(tmp_path / 'missing.pth'))
 
 
 # --- distributed, two processes --------------------------------------------------------------
@@ -279,6 +283,7 @@ WORKER = """\
 import json, os, sys
 import torch
 import utils
+from models.checkpoint import read_checkpoint
 
 out = sys.argv[1]
 args = utils.get_args_parser('worker').parse_args(
@@ -300,7 +305,7 @@ utils.barrier()
 result = dict(distributed=args.distributed, rank=rank, world=utils.get_world_size(),
               main=utils.is_main_process(), mean_float=mean_float, mean_tensor=mean_tensor,
               loss=ml.global_avg(fmt=None)['loss'], count=ml.meters['loss'].count,
-              ckpt_rank=utils.load_checkpoint_file(os.path.join(out, 'ckpt.pth'))['rank'],
+              ckpt_rank=read_checkpoint(os.path.join(out, 'ckpt.pth'))['rank'],
               seeded=seeded, backend=args.dist_backend)
 with open(os.path.join(out, f'result_{rank}.json'), 'w') as f:
     json.dump(result, f)

@@ -1,26 +1,24 @@
 """Grad-CAM overlays: one PNG per word of a caption, plus the phrase average (paper Fig. 5).
 
-    python tools/gradcam_overlay.py --config configs/Grounding.yaml --checkpoint refcoco.pth \
+    python -m tools.gradcam_overlay --config configs/Grounding.yaml --checkpoint refcoco.pth \
         --image dog.jpg --text "the dog on the left" --block_num 8 --out output/gradcam
 """
 import argparse
 import os
 import re
-import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset.images import load_image  # noqa: E402
-from dataset.transforms import create_transform  # noqa: E402
-from dataset.utils import pre_caption  # noqa: E402
-from models.checkpoint import load_retrieval_checkpoint  # noqa: E402
-from models.gradcam import heatmaps  # noqa: E402
-from models.model_retrieval import ALBEF  # noqa: E402
-from models.tokenization_bert import BertTokenizer  # noqa: E402
-from utils import load_config  # noqa: E402
+from dataset.images import load_image
+from dataset.transforms import create_transform
+from dataset.utils import pre_caption
+from models.checkpoint import load_weights
+from models.gradcam import heatmaps
+from models.model_retrieval import ALBEF
+from models.tokenization_bert import BertTokenizer
+from utils import load_config
 
 
 def colorize(heat):
@@ -78,7 +76,7 @@ def main(argv=None):
     config = load_config(args.config)
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
     model = ALBEF(config=config, text_encoder=None, tokenizer=tokenizer)
-    load_retrieval_checkpoint(model, args.checkpoint)
+    load_weights(model, args.checkpoint, 'retrieval')
     model = model.to(args.device).eval()
     for path in write_overlays(model, tokenizer, args.image, args.text, args.block_num,
                                config['image_res'], args.out, args.device):
