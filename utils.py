@@ -169,7 +169,8 @@ KEYS = {
     'optimizer': Key((dict,)), 'schedular': Key((dict,)),
     'augment': Key((dict,), 'training augmentation overrides: crop_scale, hflip, randaugment'),
     # speed and memory options: every one leaves the losses the same up to float rounding
-    'fast_train': Key((bool,), "the models' faster computation of the same losses", default=True),
+    'fast_train': Key((bool,), "the models' faster computation of the same losses", default=True,
+                      tasks=('pretrain', 'retrieval', 'grounding', 'vqa')),  # the others have one
     'fast_eval': Key((bool,), "retrieval evaluation's faster computation of the same scores",
                      default=True, tasks=('retrieval',)),
     'precision': Key((str,), 'autocast dtype in training and evaluation (fp16 with a gradient '
@@ -347,12 +348,33 @@ def _convert_like(text, old, spec=None):
     return value
 
 
+def _convert_new(item, text, spec):
+    """`text` for a key the config does not have, as the first of the key's types it parses as."""
+    for kind in spec.types:
+        try:
+            if kind is bool:
+                return _parse_bool(text)
+            if kind in (int, float):
+                return kind(text)
+            if kind is str:
+                return text
+            if kind is type(None) and text.strip().lower() in ('null', 'none'):
+                return None
+            value = _yaml().load(io.StringIO(text))
+            if isinstance(value, kind):
+                return value
+        except (ValueError, YAMLError):
+            continue
+    raise ConfigError(f'override {item!r}: cannot convert {text!r}: expected {spec.describe()}')
+
+
 def apply_overrides(config, overrides):
     """A copy of `config` with `key.sub=value` overrides applied (as given by `--opts`).
 
-    Only existing keys can be overridden (every key with a default exists after
-    `with_defaults`); the value takes the type of the value it replaces (bools accept
-    true/false/1/0/yes/no; lists and dicts are parsed as YAML); validate() then checks it.
+    A key must be in the config (every key with a default is, after `with_defaults`) or in the
+    tables (KEYS, SECTIONS); the value takes the type of the value it replaces, or the key's
+    type (bools accept true/false/1/0/yes/no; lists and dicts are parsed as YAML); validate()
+    then checks it.
     """
     config = copy.deepcopy(config)
     for item in overrides or ():
@@ -363,13 +385,19 @@ def apply_overrides(config, overrides):
         node = config
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
+        table = SECTIONS.get(parents[0], {}) if len(parents) == 1 else KEYS if not parents else {}
+        spec = table.get(leaf)
+        if isinstance(node, dict) and leaf not in node and spec is not None:
+            # A known key without a default, absent from this config: typed by the table;
+            # validate() then says whether it applies to the task.
+            node[leaf] = _convert_new(item, text, spec)
+            continue
         if not isinstance(node, dict) or leaf not in node:
             close = difflib.get_close_matches(key, list(_flat_keys(config)), n=3, cutoff=0.6)
             hint = f'; did you mean {", ".join(close)}?' if close else ''
             raise UnknownKeyError(f'override {item!r}: unknown config key {key!r}{hint}')
-        table = SECTIONS.get(parents[0], {}) if len(parents) == 1 else KEYS if not parents else {}
         try:
-            node[leaf] = _convert_like(text, node[leaf], table.get(leaf))
+            node[leaf] = _convert_like(text, node[leaf], spec)
         except (ValueError, YAMLError) as e:
             raise ConfigError(f'override {item!r}: cannot convert {text!r} for key {key!r} '
                               f'(currently {node[leaf]!r}): {e}') from e

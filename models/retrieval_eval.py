@@ -238,7 +238,7 @@ def score_pairs(model, image_embeds, text_embeds, text_atts, image_idx, text_idx
             cls = _fusion_cls(encoder, first_attention[pair_text[sel], :width],
                               text_atts[text_idx[sel], :width],
                               key_values.select_grouped(image_idx[sel] - first))
-            scores[sel] = model.itm_head(cls)[:, 1]
+            scores[sel] = model.itm_head(cls)[:, 1].to(scores.dtype)  # autocast: bf16/fp16
     return scores
 
 

@@ -172,3 +172,42 @@ def test_compute_iou_inclusive_pixels():
     assert compute_iou([0, 0, 10, 10], [5, 0, 10, 10]) == pytest.approx(50 / 150)
     assert compute_iou([0, 0, 10, 10], [9, 0, 10, 10]) == 0.0  # one shared column: x1 == x2
     assert best_box([-1.0, 0.0]) is None and best_box([0.1, 0.3, 0.3]) == 1
+
+
+def test_the_original_notebook_path_gives_our_gradcam(fixture, model):
+    """The original's Grounding.py / Grad-CAM notebook, verbatim: attention recorded through
+    `text_encoder.base_model.base_model.encoder.layer[k].crossattention.self`, the ITM match
+    logit back-propagated, cams x positive gradients reshaped to (B, heads, L, h, w)."""
+    config, _, inputs, _ = fixture
+    image, block_num = inputs['image'], config['block_num']
+    text_input = types.SimpleNamespace(input_ids=inputs['text_ids'], attention_mask=inputs['text_att'])
+    attention = model.text_encoder.base_model.base_model.encoder.layer[block_num].crossattention.self
+    assert attention is model.cross_attention(block_num)
+    attention.save_attention = True
+    try:
+        image_embeds = model.visual_encoder(image)
+        image_atts = torch.ones(image_embeds.size()[:-1], dtype=torch.long)
+        output = model.text_encoder(text_input.input_ids, attention_mask=text_input.attention_mask,
+                                    encoder_hidden_states=image_embeds,
+                                    encoder_attention_mask=image_atts, return_dict=True)
+        vl_output = model.itm_head(output.last_hidden_state[:, 0, :])
+        loss = vl_output[:, 1].sum()
+        model.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            mask = text_input.attention_mask.view(text_input.attention_mask.size(0), 1, -1, 1, 1)
+            layer = model.text_encoder.base_model.base_model.encoder.layer[block_num]
+            grads = layer.crossattention.self.get_attn_gradients()
+            cams = layer.crossattention.self.get_attention_map()
+            heads, side = model.text_encoder.config.num_attention_heads, 4
+            cams = cams[:, :, :, 1:].reshape(image.size(0), heads, -1, side, side) * mask
+            grads = grads[:, :, :, 1:].clamp(0).reshape(image.size(0), heads, -1, side, side) * mask
+            notebook = (cams * grads).mean(1)  # (B, L, h, w): one map per token
+    finally:
+        attention.save_attention = False
+        model.zero_grad(set_to_none=True)
+    ours = gradcam.itm_gradcam(model, image, inputs['text_ids'], inputs['text_att'], block_num)
+    model.zero_grad(set_to_none=True)
+    assert_close_relative(ours.token_maps, notebook, 'token_maps', rel=1e-5)
+    assert_close_relative(ours.maps, notebook.mean(1), 'maps', rel=1e-5)
+    assert notebook.abs().max() > 0

@@ -1,5 +1,5 @@
 """Parity of the retrieval model and its evaluation with the original implementation's outputs
-(../shared/reference/tiny_a/retrieval, see its README for what every probe is)."""
+(tests/fixtures/original/tiny_a/retrieval, see its README.md)."""
 import numpy as np
 import pytest
 import torch
@@ -351,3 +351,43 @@ def test_grouped_key_values_and_cls_rows_equal_the_full_computation(fixture):
     assert (cls - full[:, :1]).abs().max() < 1e-5
     attention = layer.attention(hidden, mask)
     assert (layer.fuse(attention, gathered.layer(layer.layer_num)) - full).abs().max() < 1e-5
+
+
+class _Tokenized(dict):
+    def __getattr__(self, name):
+        return self[name]
+
+    def to(self, device):
+        return self
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('options', [{}, {'fast_eval': False}])
+def test_the_original_evaluation_call_returns_the_original_matrices(fixture, options):
+    """`from Retrieval import evaluation, itm_eval` with the original's arguments (model,
+    data_loader, tokenizer, device, config): numpy (i2t, t2i) score matrices equal to the
+    original's, then Recall@K. The loader yields (image, index) batches of a dataset with `.text`;
+    the tokenizer stands in for BertTokenizer (the fixture's captions are already tokenised)."""
+    from Retrieval import evaluation, itm_eval
+    config, _, inputs, expected = fixture
+    model = build(fixture)
+    images = inputs['eval_images']
+    captions = [str(t) for t in range(inputs['eval_text_ids'].size(0))]
+
+    def tokenizer(texts, padding, truncation, max_length, return_tensors):
+        assert (padding, truncation, max_length) == ('max_length', True, 30)
+        rows = [int(t) for t in texts]
+        return _Tokenized(input_ids=inputs['eval_text_ids'][rows],
+                          attention_mask=inputs['eval_text_att'][rows])
+
+    class Loader(list):
+        dataset = type('EvalSet', (), {'text': captions, '__len__': lambda self: len(images)})()
+    loader = Loader([(images[:4], torch.arange(4)), (images[4:], torch.arange(4, len(images)))])
+    score_i2t, score_t2i = evaluation(model, loader, tokenizer, 'cpu', {**config, **options})
+    assert isinstance(score_i2t, np.ndarray) and isinstance(score_t2i, np.ndarray)
+    assert_close(torch.from_numpy(score_i2t), expected['eval_score_matrix_i2t'], 'i2t')
+    assert_close(torch.from_numpy(score_t2i), expected['eval_score_matrix_t2i'], 't2i')
+    metrics = itm_eval(score_i2t, score_t2i, inputs['eval_txt2img'].tolist(),
+                       inputs['eval_img2txt'].tolist())
+    for key, value in metrics.items():
+        assert value == pytest.approx(expected[f'itm_eval.{key}'].item())

@@ -88,13 +88,16 @@ def test_configure_model_reads_the_config_keys():
     assert model.visual_encoder.gradient_checkpointing and model.text_encoder.bert.encoder.gradient_checkpointing
     configure_model(model, utils.with_defaults({}, 'pretrain'))
     assert not model.visual_encoder.gradient_checkpointing
-    options = {'fast_train': True, 'precision': 'fp32', 'grad_checkpointing': False,
+    options = {'precision': 'fp32', 'grad_checkpointing': False,
                'compile': False, 'accum_steps': 1, 'optimizer_sharding': 'none',
                'num_workers': 4, 'print_freq': 50}
     for task in utils.TASKS:  # every option has its default in every task's config
         defaults = utils.with_defaults({'optimizer': {}}, task)
         assert {k: defaults[k] for k in options} == options and defaults['optimizer'] == {'fused': False}
     assert utils.with_defaults({}, 'retrieval')['fast_eval'] is True
+    for task in utils.TASKS:  # fast_train where a model has a fast path; refused elsewhere
+        has_fast_path = task in ('pretrain', 'retrieval', 'grounding', 'vqa')
+        assert utils.with_defaults({}, task).get('fast_train') is (True if has_fast_path else None)
     assert accum_steps({}) == 1 and accum_steps({'accum_steps': 4}) == 4
     for bad in (0, -1, 2.0, True, '2'):
         with pytest.raises(ValueError, match='accum_steps'):
