@@ -1,4 +1,4 @@
-"""Image-text retrieval data: COCO / Flickr30K Karpathy splits (paper section 4.1, spec 8.4 and 12).
+"""Image-text retrieval data: COCO / Flickr30K Karpathy splits (paper section 4.1).
 
 Training files hold one record per caption, `{"image", "caption": str, "image_id"}`; evaluation
 files hold one record per image, `{"image", "caption": [str, ...]}`. Image paths are relative to

@@ -1,4 +1,4 @@
-"""RefCOCO+ referring expressions for weakly-supervised grounding (paper section 4.4, spec 8.7, 12).
+"""RefCOCO+ referring expressions for weakly-supervised grounding (paper section 4.4).
 
 Training records `{"image", "text"}` are trained like retrieval pairs, with the image as idx;
 test records add `"ref_id"`, whose ground truth (box, split, image size) comes from the REFER

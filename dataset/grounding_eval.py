@@ -1,4 +1,4 @@
-"""Weakly-supervised referring-expression grounding accuracy (paper section 4.4, spec 8.7).
+"""Weakly-supervised referring-expression grounding accuracy (paper section 4.4).
 
 A Grad-CAM map (models/gradcam.py) is upsampled to the image size; every detector box is scored
 by the map mass inside it divided by (box area)^alpha; the best box is correct when its IoU with

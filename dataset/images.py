@@ -1,4 +1,4 @@
-"""Image loading shared by every dataset (spec section 4: PIL, RGB, truncated images tolerated)."""
+"""Image loading shared by every dataset (PIL, RGB, truncated images tolerated, as the original)."""
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 

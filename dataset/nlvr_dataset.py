@@ -1,4 +1,4 @@
-"""NLVR2 image pairs with a true/false sentence (paper section 4.3, spec 8.6 and 12).
+"""NLVR2 image pairs with a true/false sentence (paper section 4.3).
 
 Records: `{"images": [left, right], "sentence", "label": "True" | "False"}`, image paths relative
 to `image_root`.

@@ -1,4 +1,4 @@
-"""Image-caption pairs for pre-training (spec sections 8.2 and 12).
+"""Image-caption pairs for pre-training.
 
 Each JSON file is a list of `{"image": path, "caption": str or [str, ...]}`; the files are
 concatenated in the given order. A list caption is sampled anew every time the record is read.

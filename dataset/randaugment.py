@@ -1,4 +1,4 @@
-"""ALBEF's RandAugment on numpy uint8 HxWx3 arrays (spec section 4).
+"""ALBEF's RandAugment on numpy uint8 HxWx3 arrays.
 
 Randomness comes from numpy's *global* RNG, in this order per call: the N op names (uniform,
 with replacement), then per op one draw for "apply?" (skip if > 0.5) and, for an applied

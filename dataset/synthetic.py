@@ -1,4 +1,4 @@
-"""Deterministic synthetic data for every ALBEF task, in the original file formats (spec section 12).
+"""Deterministic synthetic data for every ALBEF task, in the original file formats.
 
     python -m dataset.synthetic --out data/synthetic --seed 0 [--size tiny|small|medium]
 

@@ -1,4 +1,4 @@
-"""Image transforms per task (spec section 4): CLIP normalisation, bicubic resizing, RandAugment."""
+"""Image transforms per task: CLIP normalisation, bicubic resizing, RandAugment."""
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 

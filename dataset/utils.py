@@ -1,4 +1,4 @@
-"""Caption and question cleaning applied before tokenization (spec section 3).
+"""Caption and question cleaning applied before tokenization.
 
 Every caption, NLVR/VE sentence and grounding expression goes through `pre_caption`; VQA
 questions go through `pre_question`. The two differ on purpose (see their docstrings): the

@@ -1,4 +1,4 @@
-"""SNLI-VE image/hypothesis pairs (paper section 4.3, spec 8.6 and 12).
+"""SNLI-VE image/hypothesis pairs (paper section 4.3).
 
 Records: `{"image": id, "sentence", "label"}` where `image` is a Flickr30K id without extension:
 the file is `<image_root>/<image>.jpg`.

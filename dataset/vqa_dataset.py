@@ -1,4 +1,4 @@
-"""VQA v2 (+ Visual Genome QA) questions for answer generation (paper section 4.2, spec 8.5 and 12).
+"""VQA v2 (+ Visual Genome QA) questions for answer generation (paper section 4.2).
 
 Records: `{"question_id", "question", "answer": [10 answers], "image", "dataset": "vqa"}` with the
 image under `vqa_root`, or `{"question", "answer": str, "image", "dataset": "vg"}` under `vg_root`.

@@ -1,4 +1,4 @@
-"""Attention-map recording shared by the ViT and BERT attention modules (Grad-CAM, spec 1, 2.8)."""
+"""Attention-map recording shared by the ViT and BERT attention modules (Grad-CAM)."""
 
 
 class AttentionRecorder:

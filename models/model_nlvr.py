@@ -1,4 +1,4 @@
-"""ALBEF for NLVR2 (paper section 5.3, spec 6.4 and 2.6): is a sentence true of a pair of
+"""ALBEF for NLVR2 (paper section 5.3): is a sentence true of a pair of
 images? The text encoder reasons over both images: every pre-trained fusion layer becomes a
 pair of layers, the first cross-attending to image 0 and the second to image 1, with the
 cross-attention key/value projections shared within the pair. A 2-way MLP classifier on [CLS],

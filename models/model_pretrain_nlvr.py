@@ -1,4 +1,4 @@
-"""Text-assignment (TA) pre-training for NLVR2 (paper section 5.3, spec 6.6).
+"""Text-assignment (TA) pre-training for NLVR2 (paper section 5.3).
 
 Before NLVR2 fine-tuning, the two-image text encoder (`model_nlvr.py`) learns to tell which of
 two images a caption describes: given caption b, the pair is (image b, a similar image) -> 0,

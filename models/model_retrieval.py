@@ -1,4 +1,4 @@
-"""ALBEF fine-tuned for image-text retrieval (paper section 4.1, spec section 6.2); Grounding.py
+"""ALBEF fine-tuned for image-text retrieval (paper section 4.1); Grounding.py
 uses the same class. ITC with momentum distillation where every sample sharing an image id is a
 positive (in the batch and in the queue), and ITM with hard negatives that never share the
 anchor's image id. No MLM, and the temperature is not clamped."""

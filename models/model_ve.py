@@ -1,4 +1,4 @@
-"""ALBEF for visual entailment (SNLI-VE, paper section 5.2, spec 6.5): the multimodal encoder's
+"""ALBEF for visual entailment (SNLI-VE, paper section 5.2): the multimodal encoder's
 [CLS] state over (image, hypothesis) goes through a small MLP classifier (entailment 2,
 neutral 1, contradiction 0), trained with momentum distillation.
 

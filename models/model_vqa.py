@@ -1,4 +1,4 @@
-"""ALBEF for visual question answering (paper section 5.1, spec 6.3): answer generation.
+"""ALBEF for visual question answering (paper section 5.1): answer generation.
 
 The multimodal encoder turns (image, question) into question states; a causal BERT decoder,
 built from the pre-trained fusion layers, generates the answer while cross-attending to them.

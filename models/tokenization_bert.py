@@ -1,4 +1,4 @@
-"""ALBEF's BERT tokenizer: transformers' WordPiece tokenizer with `[CLS] A` framing (spec section 3).
+"""ALBEF's BERT tokenizer: transformers' WordPiece tokenizer with `[CLS] A` framing.
 
 The original forked transformers' slow tokenizer only to drop the trailing `[SEP]` of single
 sequences. Here the fork is one post-processor template on transformers' own (tokenizers-backed)

@@ -1,4 +1,4 @@
-"""Image encoder: the DeiT-style ViT-B/16 of ALBEF (paper section 3.1, spec section 1).
+"""Image encoder: the DeiT-style ViT-B/16 of ALBEF (paper section 3.1).
 
 Built from timm's PatchEmbed, Block and Mlp so the state-dict names are the ones the released
 checkpoints use (`patch_embed.proj`, `blocks.N.attn.qkv`, ...). Attention runs through

@@ -1,4 +1,4 @@
-"""Text and multimodal encoder: BERT with ALBEF's fusion layers (paper section 3.1, spec section 2).
+"""Text and multimodal encoder: BERT with ALBEF's fusion layers (paper section 3.1).
 
 A self-contained post-LayerNorm BERT whose state-dict names are those of Hugging Face BERT, so
 `bert-base-uncased` weights and the released ALBEF checkpoints load by name. Layers with index
@@ -229,7 +229,7 @@ class BertSelfAttention(AttentionRecorder, nn.Module):
     """Multi-head attention; cross-attention takes keys/values from `encoder_width` inputs.
 
     SDPA by default. With `save_attention` on a cross-attention module, the explicit softmax path
-    records the probabilities and their gradient (Grad-CAM, spec 2.8).
+    records the probabilities and their gradient (Grad-CAM).
     """
 
     def __init__(self, config, is_cross_attention=False):
@@ -562,7 +562,7 @@ class _BertWithLMHead(BertPreTrainedModel):
 
 def masked_lm_loss(logits, labels, soft_labels=None, alpha=0):
     """Cross-entropy over the predicted tokens (labels != -100), mixed with the distillation
-    loss -sum(soft_labels * log_softmax(logits)) averaged over the same tokens (spec 2.7).
+    loss -sum(soft_labels * log_softmax(logits)) averaged over the same tokens.
     logits (..., V), labels (...): all positions, or only the predicted ones."""
     logits = logits.reshape(-1, logits.size(-1))
     labels = labels.reshape(-1)
@@ -575,7 +575,7 @@ def masked_lm_loss(logits, labels, soft_labels=None, alpha=0):
 
 
 class BertForMaskedLM(_BertWithLMHead):
-    """BERT + MLM head; the loss can mix in momentum-distilled soft labels (spec 2.7)."""
+    """BERT + MLM head; the loss can mix in momentum-distilled soft labels."""
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 head_mask=None, inputs_embeds=None, encoder_embeds=None,

@@ -1,4 +1,4 @@
-"""The one optimiser ALBEF uses: AdamW with the original weight-decay grouping (spec section 7)."""
+"""The one optimiser ALBEF uses: AdamW with the original weight-decay grouping."""
 import logging
 
 import torch

@@ -1,4 +1,4 @@
-"""The learning-rate schedule ALBEF uses: linear warm-up, then one cosine cycle (spec section 7).
+"""The learning-rate schedule ALBEF uses: linear warm-up, then one cosine cycle.
 
 The original built timm's CosineLRScheduler (t_mul 1, cycle_limit 1, warmup_prefix True, no
 noise); this is that schedule and nothing else. `t` is in epochs, except in epoch 0 where the

@@ -1,5 +1,5 @@
 """engine.train_one_epoch on a toy model: optimisation, returned averages, alpha ramp, the
-100-iteration LR warm-up and the non-finite-loss stop (spec section 7)."""
+100-iteration LR warm-up and the non-finite-loss stop."""
 import logging
 
 import pytest

@@ -47,7 +47,7 @@ def manifest_state_dict(kind):
                                            ('pretrain_nlvr', 'nlvr')])
 def test_full_size_fine_tuning_rules_account_for_every_key(source, target):
     """Released-layout checkpoint -> full-size model: everything loads except what the
-    original leaves out on purpose (spec 9); anything else would raise CheckpointError."""
+    original leaves out on purpose; anything else would raise CheckpointError."""
     from models.checkpoint import load_weights
     module, config_path = CASES[target]
     ALBEF = importlib.import_module(module).ALBEF

@@ -1,4 +1,4 @@
-"""AdamW weight-decay groups and the warm-up + cosine schedule (spec section 7)."""
+"""AdamW weight-decay groups and the warm-up + cosine schedule."""
 import copy
 import math
 
