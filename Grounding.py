@@ -1,4 +1,4 @@
-"""Weakly-supervised visual grounding on RefCOCO+ (paper section 4.4): retrieval-style
+r"""Weakly-supervised visual grounding on RefCOCO+ (paper section 4.4): retrieval-style
 fine-tuning on referring expressions (image ids as ITC positives), then each expression is
 localised by Grad-CAM and the detection proposal its map covers best.
 

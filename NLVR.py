@@ -1,4 +1,4 @@
-"""NLVR2 fine-tuning and evaluation (paper section 5.3): is a sentence true of a pair of images?
+r"""NLVR2 fine-tuning and evaluation (paper section 5.3): is a sentence true of a pair of images?
 Starts from the text-assignment checkpoint written by Pretrain_nlvr.py.
 
 From the text-assignment checkpoint:

@@ -1,4 +1,4 @@
-"""ALBEF pre-training: ITC + ITM + MLM with momentum distillation (paper section 3).
+r"""ALBEF pre-training: ITC + ITM + MLM with momentum distillation (paper section 3).
 
 One process (CPU or one GPU):
     python Pretrain.py --config configs/tiny/Pretrain.yaml --output_dir output/pretrain_tiny

@@ -1,4 +1,4 @@
-"""Text-assignment (TA) pre-training for NLVR2 (paper section 5.3): one epoch on the pre-training
+r"""Text-assignment (TA) pre-training for NLVR2 (paper section 5.3): one epoch on the pre-training
 images that teaches the two-image encoder which image of a pair a caption describes. Starts from
 a pre-training checkpoint; its output starts NLVR.py.
 

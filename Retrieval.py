@@ -1,4 +1,4 @@
-"""Image-text retrieval fine-tuning and evaluation on COCO / Flickr30K (paper section 4.1).
+r"""Image-text retrieval fine-tuning and evaluation on COCO / Flickr30K (paper section 4.1).
 
 From a pre-training checkpoint (position embeddings resized to the config's resolution):
     torchrun --nproc_per_node=8 Retrieval.py --config configs/Retrieval_coco.yaml \

@@ -1,4 +1,4 @@
-"""Visual entailment fine-tuning and evaluation on SNLI-VE (paper section 5.2).
+r"""Visual entailment fine-tuning and evaluation on SNLI-VE (paper section 5.2).
 
 From a pre-training checkpoint (position embeddings resized to the config's resolution):
     torchrun --nproc_per_node=8 VE.py --config configs/VE.yaml --output_dir output/ve \

@@ -1,4 +1,4 @@
-"""VQA fine-tuning and answer ranking (paper section 5.1).
+r"""VQA fine-tuning and answer ranking (paper section 5.1).
 
 Fine-tunes the answer decoder, then answers the test questions by ranking `answer_list` and
 writes `result/vqa_result_epoch{E}.json` in the evaluation server's format

@@ -442,14 +442,19 @@ def bool_or_path(text):
         return text
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every flag with its default; the description and examples as written."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag with its default (where it has one); the description and examples as written."""
+
+    def _get_help_string(self, action):
+        shown = action.default not in (None, '', False, argparse.SUPPRESS) and not action.required
+        return f'{action.help} (default: {action.default})' if shown and action.help else action.help
 
 
 def get_args_parser(doc, evaluate=True):
-    """The arguments every task script shares; `doc` is the script's docstring (its first line
-    describes the script, the rest, with the usage examples, ends --help). Scripts add their own."""
-    description, _, examples = doc.strip().partition('\n')
+    """The arguments every task script shares; `doc` is the script's docstring (its first
+    paragraph describes the script, the rest, with the usage examples, ends --help). Scripts add
+    their own."""
+    description, _, examples = doc.strip().partition('\n\n')
     parser = argparse.ArgumentParser(description=description, epilog=examples.strip() or None,
                                      formatter_class=HelpFormatter)
     parser.add_argument('--config', required=True, help='task YAML file (configs/*.yaml)')

@@ -284,3 +284,20 @@ def test_debug_shows_the_traceback(data, tmp_path):
     args = argv(data, 've', tmp_path, '--opts', 'quee_size=1', '--debug')
     with pytest.raises(utils.ConfigError, match='quee_size'):
         utils.run(ALL['ve'].module.main, args)
+
+
+@pytest.mark.parametrize('name', sorted(ALL))
+def test_help_names_every_flag_and_ends_with_the_examples(name, capsys, monkeypatch):
+    parsers = []
+    parse_args = utils.argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(utils.argparse.ArgumentParser, 'parse_args',
+                        lambda parser, *a, **k: parsers.append(parser) or parse_args(parser, *a, **k))
+    with pytest.raises(SystemExit) as exit_:
+        ALL[name].module.main(['--help'])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert all(action.help for action in parsers[0]._actions), 'a flag without help'
+    assert '--resume [PATH]' in text and '(default: 42)' in text  # --seed's default is shown
+    # the docstring's usage examples end the help, as written
+    assert text.rstrip().splitlines()[-1] == ALL[name].module.__doc__.rstrip().splitlines()[-1]
+    assert 'torchrun --nproc_per_node=8' in text or name == 'pretrain' and 'torchrun' in text
