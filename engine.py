@@ -421,6 +421,9 @@ class Run:
                 continue
             self._load(checkpoint, candidate)
             return self._resume_at[0]
+        if candidates:  # never a silent fresh start over a run whose checkpoints are all damaged
+            raise CheckpointError(f'--resume: no checkpoint in {self.output_dir} is readable '
+                                  f'({", ".join(os.path.basename(c) for c in candidates)})')
         logger.info('no checkpoint to resume from in %s: starting from scratch', self.output_dir)
         return 0
 

@@ -301,3 +301,11 @@ def test_help_names_every_flag_and_ends_with_the_examples(name, capsys, monkeypa
     # the docstring's usage examples end the help, as written
     assert text.rstrip().splitlines()[-1] == ALL[name].module.__doc__.rstrip().splitlines()[-1]
     assert 'torchrun --nproc_per_node=8' in text or name == 'pretrain' and 'torchrun' in text
+
+
+def test_resume_refuses_a_folder_whose_checkpoints_are_all_unreadable(data, tmp_path):
+    (tmp_path / 'checkpoint_00.pth').write_bytes(b'torn')
+    (tmp_path / 'checkpoint_01.pth').write_bytes(b'')
+    with pytest.raises(engine.CheckpointError, match='no checkpoint in .* is readable '
+                                                     r'\(checkpoint_01.pth, checkpoint_00.pth\)'):
+        ALL['pretrain'].module.main(argv(data, 'pretrain', tmp_path, '--resume'))
