@@ -1,4 +1,6 @@
-"""Access to the parity fixtures in ../shared/reference (see its README)."""
+"""Access to the parity fixtures in tests/fixtures/original (see its README.md).
+
+ALBEF_REFERENCE_DIR, when set, points at another copy of them."""
 import os
 import types
 from pathlib import Path
@@ -8,7 +10,7 @@ import torch
 from ruamel.yaml import YAML
 
 REFERENCE_DIR = Path(os.environ.get('ALBEF_REFERENCE_DIR',
-                                    Path(__file__).resolve().parents[2] / 'shared' / 'reference'))
+                                    Path(__file__).resolve().parent / 'fixtures' / 'original'))
 TINY_A = REFERENCE_DIR / 'tiny_a'
 
 # The fixtures' special-token ids ([PAD]=0, [CLS]=101, [SEP]=102, [MASK]=103).

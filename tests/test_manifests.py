@@ -1,5 +1,6 @@
 """Full-size models have exactly the keys, shapes and dtypes of the released checkpoints
-(../shared/reference/state_dict_manifests.json). Built on the meta device: no memory, no time."""
+(tests/fixtures/original/state_dict_manifests.json). Built on the meta device: no memory,
+no time."""
 import json
 import types
 

@@ -1,5 +1,5 @@
 """Parity of the SNLI-VE, NLVR2 and text-assignment models with the original implementation's
-outputs (../shared/reference/tiny_a/{ve,nlvr,pretrain_nlvr}, see its README)."""
+outputs (tests/fixtures/original/tiny_a/{ve,nlvr,pretrain_nlvr}, see its README.md)."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,5 +1,5 @@
 """Parity of the pre-training model with the original implementation's outputs
-(../shared/reference/tiny_a/pretrain, see its README for what every probe is)."""
+(tests/fixtures/original/tiny_a/pretrain, see its README.md)."""
 import pytest
 import torch
 import torch.nn.functional as F
