@@ -1,10 +1,5 @@
-import sys
-
-from albef.cli import main
-from models.checkpoint import CheckpointError
+"""`python -m albef ...`: the same as the `albef` console script (albef.cli.run)."""
+from albef.cli import run
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (CheckpointError, ValueError, OSError) as error:  # wrong kind, file, config: no traceback
-        sys.exit(f'error: {error}')
+    run()

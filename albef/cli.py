@@ -1,21 +1,26 @@
-"""Command line for albef.api: `python -m albef <command> --checkpoint C ...`.
+"""Command line for albef.api: `albef <command> --checkpoint C ...` (or `python -m albef ...`).
 
-    python -m albef embed-images --checkpoint C --images DIR --out feats.pt   (or .npy)
-    python -m albef embed-texts  --checkpoint C --texts "a dog" "a cat" --out feats.npy
-    python -m albef score        --checkpoint C --image I --captions "a dog" "a cat"
-    python -m albef answer       --checkpoint C --image I --question "what color?" --k 5
-    python -m albef gradcam      --checkpoint C --image I --text "the dog" --out overlays/
+    albef embed-images --checkpoint C --images DIR --out feats.pt   (or .npy)
+    albef embed-texts  --checkpoint C --texts "a dog" "a cat" --out feats.npy
+    albef score        --checkpoint C --image I --captions "a dog" "a cat"
+    albef answer       --checkpoint C --image I --question "what color?" --k 5
+    albef gradcam      --checkpoint C --image I --text "the dog" --out overlays/
 
-A released checkpoint (no stored config) needs --config, the YAML it was trained with.
+A released checkpoint (no stored config) needs --config, the YAML it was trained with. Errors
+(a wrong file, kind or config) print one line and exit with status 2; --debug (or ALBEF_DEBUG=1)
+shows the full traceback instead.
 """
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from albef.api import ALBEFInference
+from models.checkpoint import CheckpointError
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
 
@@ -91,36 +96,52 @@ COMMANDS = {'embed-images': embed_images, 'embed-texts': embed_texts, 'score': s
             'answer': answer, 'gradcam': gradcam}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default after its help (except required flags, flags without a default
+    and on/off switches) and keeps the descriptions' line breaks."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument('--checkpoint', required=True, help='a released or trained checkpoint')
+    common.add_argument('--checkpoint', required=True,
+                        help='a released or trained checkpoint (.pth)')
     common.add_argument('--config', default=None,
                         help='its training YAML (required when the file stores no config)')
-    common.add_argument('--device', default=None, help='default: cuda if available, else cpu')
-    common.add_argument('--batch_size', type=int, default=32)
-    parser = argparse.ArgumentParser(prog='python -m albef', description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest='command', required=True)
-    add = lambda name, help: sub.add_parser(name, parents=[common], help=help)
+    common.add_argument('--device', default=None,
+                        help='torch device (default: cuda if available, else cpu)')
+    common.add_argument('--batch_size', type=int, default=32,
+                        help='images or texts encoded per forward pass')
+    common.add_argument('--debug', action='store_true',
+                        help='show the full traceback on errors')
+    parser = argparse.ArgumentParser(prog='albef', description=__doc__,
+                                     formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    add = lambda name, help: sub.add_parser(name, parents=[common], help=help, description=help,
+                                            formatter_class=HelpFormatter)
     p = add('embed-images', 'ITC features of every image in a folder')
     p.add_argument('--images', required=True, help='a folder (searched recursively)')
     p.add_argument('--out', required=True, help='a .pt or .npy file')
     p = add('embed-texts', 'ITC features of texts')
-    p.add_argument('--texts', nargs='+')
+    p.add_argument('--texts', nargs='+', help='the texts (and/or --file)')
     p.add_argument('--file', help='a text file, one text per line')
     p.add_argument('--out', required=True, help='a .pt or .npy file')
     p = add('score', 'ITM and ITC scores of an image against captions, best first')
-    p.add_argument('--image', required=True)
-    p.add_argument('--captions', nargs='+', required=True)
+    p.add_argument('--image', required=True, help='an image file')
+    p.add_argument('--captions', nargs='+', required=True, help='the captions to score')
     p = add('answer', 'answer a question about an image (VQA checkpoint)')
-    p.add_argument('--image', required=True)
-    p.add_argument('--question', required=True)
+    p.add_argument('--image', required=True, help='an image file')
+    p.add_argument('--question', required=True, help='the question')
     p.add_argument('--answers', help="a JSON list of candidate answers (default: the config's "
                                      'answer_list)')
-    p.add_argument('--k', type=int, default=5)
+    p.add_argument('--k', type=int, default=5, help='how many answers to print, best first')
     p = add('gradcam', 'Grad-CAM overlays, one PNG per word piece and their average')
-    p.add_argument('--image', required=True)
-    p.add_argument('--text', required=True)
+    p.add_argument('--image', required=True, help='an image file')
+    p.add_argument('--text', required=True, help='the phrase to localise')
     p.add_argument('--out', required=True, help='a folder')
     p.add_argument('--block_num', type=int, default=None,
                    help='fusion layer (default: fusion_layer + 2, 8 for BERT-base)')
@@ -132,3 +153,21 @@ def main(argv=None):
     albef = ALBEFInference.from_checkpoint(args.checkpoint, config=args.config, device=args.device)
     albef.batch_size = args.batch_size
     return COMMANDS[args.command](albef, args)
+
+
+EXPECTED_ERRORS = (CheckpointError, ValueError, OSError, KeyError)
+
+
+def run(argv=None):
+    """The `albef` console script: main(), with a wrong file, kind or config reported as one
+    line `error: ...` on stderr and exit status 2 (the full traceback with --debug or
+    ALBEF_DEBUG=1)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return main(args)
+    except EXPECTED_ERRORS as error:
+        if '--debug' in args or os.environ.get('ALBEF_DEBUG') == '1':
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f'error: {message}', file=sys.stderr)
+        sys.exit(2)
