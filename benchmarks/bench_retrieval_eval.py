@@ -10,21 +10,18 @@ padding: the worst case for the fast path, which drops padding). Prints wall and
 time of the ITM re-scoring for both paths (run alternately --repeats times; the best of each
 is compared), the ratio, and the largest difference between their score matrices.
 
-    python benchmarks/bench_retrieval_eval.py --images 24 --texts 120 --k_test 16 --image_res 256
+    python -m benchmarks.bench_retrieval_eval --images 24 --texts 120 --k_test 16 --image_res 256
 """
 import argparse
-import os
-import sys
 import time
 import types
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models.model_retrieval import ALBEF  # noqa: E402
-from models.retrieval_eval import (candidate_pairs, encode_images, encode_texts,  # noqa: E402
+from models.model_retrieval import ALBEF
+from models.retrieval_eval import (candidate_pairs, encode_images, encode_texts,
                                    itc_similarity, itm_score_matrices, itm_score_matrices_plain)
-from utils import load_config  # noqa: E402
+from utils import load_config
 
 
 def main():

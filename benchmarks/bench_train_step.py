@@ -13,7 +13,7 @@ optimiser state, for both paths and with activation checkpointing (grad_checkpoi
 Memory is RSS on CPU (read from /proc in a child process whose allocator returns freed memory
 to the OS) and allocated bytes on GPU.
 
-    python benchmarks/bench_train_step.py --batch 2 --steps 3
+    python -m benchmarks.bench_train_step --batch 2 --steps 3
 """
 import argparse
 import json
@@ -29,12 +29,12 @@ import types
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from engine import set_grad_checkpointing
+from models.model_pretrain import ALBEF
+from optim import create_optimizer
+from utils import load_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from models.model_pretrain import ALBEF  # noqa: E402
-from optim import create_optimizer  # noqa: E402
-from train_options import set_grad_checkpointing  # noqa: E402
-from utils import load_config  # noqa: E402
 
 TOKENIZER = types.SimpleNamespace(pad_token_id=0, cls_token_id=101, sep_token_id=102,
                                   mask_token_id=103)
@@ -168,11 +168,12 @@ def measure_memory(args):
 
 def memory_in_child(args):
     env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536'}  # freed tensors leave the RSS
-    cmd = [sys.executable, os.path.abspath(__file__), '--memory_child', '--batch', str(args.batch),
-           '--device', args.device, '--config', args.config]
+    cmd = [sys.executable, '-m', 'benchmarks.bench_train_step', '--memory_child',
+           '--batch', str(args.batch), '--device', args.device, '--config', args.config]
     if args.threads:
         cmd += ['--threads', str(args.threads)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith('MEMORY '))[7:])
 
 

@@ -1,9 +1,9 @@
 """Build a VQA answer list (the candidates VQA.py ranks) from training annotations: the most
 frequent answers, most frequent first.
 
-    python tools/build_answer_list.py --train data/vqa_train.json data/vqa_val.json \
+    python -m tools.build_answer_list --train data/vqa_train.json data/vqa_val.json \
         --out data/answer_list.json --top 3128
-    python tools/build_answer_list.py --train data/vqa_train.json --out answers.json --min_count 9
+    python -m tools.build_answer_list --train data/vqa_train.json --out answers.json --min_count 9
 
 Every human answer counts once (a VQA question has ten, a Visual Genome question one). Ties
 are broken by first appearance, so the output is deterministic. With --normalize the answers
@@ -15,11 +15,8 @@ import collections
 import json
 import logging
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dataset.vqa_eval import normalize_answer  # noqa: E402
+from dataset.vqa_eval import normalize_answer
 
 logger = logging.getLogger('albef.build_answer_list')
 

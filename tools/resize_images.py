@@ -1,7 +1,7 @@
 """Pre-resize a dataset's images once, so that training does not decode full-size photos at
 every step: the shorter side becomes --size (bicubic, aspect ratio kept, never upscaled).
 
-    python tools/resize_images.py --src /data/coco/images --dst /data/coco/images_512 \
+    python -m tools.resize_images --src /data/coco/images --dst /data/coco/images_512 \
         --size 512 --workers 16
 
 The relative tree and the file names are kept, so the annotation JSONs stay valid with
@@ -25,8 +25,7 @@ import time
 
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset.images import load_image  # noqa: E402  (also sets PIL's truncated-image policy)
+from dataset.images import load_image  # also sets PIL's truncated-image policy
 
 IMAGE_EXTENSIONS = {'.jpg': 'JPEG', '.jpeg': 'JPEG', '.jpe': 'JPEG', '.png': 'PNG',
                     '.bmp': 'BMP', '.gif': 'GIF', '.tif': 'TIFF', '.tiff': 'TIFF',

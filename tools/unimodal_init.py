@@ -11,7 +11,7 @@ checkpoint, `text_encoder` a Hugging Face BERT directory):
 - a BERT of the config's `bert_config` size trained with MLM on the pre-training captions, saved
   by transformers in `<out>/bert/` (config.json + weights).
 
-    python tools/unimodal_init.py --config configs/tiny/Pretrain.yaml --out data/synthetic/init
+    python -m tools.unimodal_init --config configs/tiny/Pretrain.yaml --out data/synthetic/init
 
 The images and captions are the pre-training ones only; held-out retrieval-test images and
 captions are used for the printed check figures.
@@ -21,23 +21,20 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dataset.images import load_image  # noqa: E402
-from dataset.synthetic import COLORS, SHAPES  # noqa: E402
-from dataset.transforms import create_transform  # noqa: E402
-from dataset.utils import pre_caption  # noqa: E402
-from models.albef_base import load_bert_config, mask_tokens  # noqa: E402
-from models.tokenization_bert import BertTokenizer  # noqa: E402
-from models.vit import vit_from_config  # noqa: E402
-from utils import load_config  # noqa: E402
+from dataset.images import load_image
+from dataset.synthetic import COLORS, SHAPES
+from dataset.transforms import create_transform
+from dataset.utils import pre_caption
+from models.albef_base import load_bert_config, mask_tokens
+from models.tokenization_bert import BertTokenizer
+from models.vit import vit_from_config
+from utils import load_config
 
 logger = logging.getLogger('albef.unimodal_init')
 
