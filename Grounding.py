@@ -77,8 +77,8 @@ def main(argv=None):
         dets = json.load(f)
 
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
-    model = run.prepare(ALBEF(config=config, text_encoder=config['text_encoder'],
-                              tokenizer=tokenizer), train_loader)
+    model = ALBEF(config=config, text_encoder=config['text_encoder'], tokenizer=tokenizer)
+    run.prepare(model, train_loader)  # options, optimiser, schedule, starting weights, DDP
     train_step = make_train_step(tokenizer, run.device)
 
     accuracy = None

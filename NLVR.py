@@ -58,8 +58,8 @@ def main(argv=None):
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
     # NOTE(faithful): the momentum models keep the copy made at construction (before the
     # text-assignment weights load), as in the original; they catch up through the EMA.
-    model = run.prepare(ALBEF(config=config, text_encoder=config['text_encoder'],
-                              tokenizer=tokenizer), train_loader)
+    model = ALBEF(config=config, text_encoder=config['text_encoder'], tokenizer=tokenizer)
+    run.prepare(model, train_loader)  # options, optimiser, schedule, starting weights, DDP
     train_step, predict = make_steps(tokenizer, run.device)
 
     dev_acc = test_acc = None

@@ -44,8 +44,9 @@ def main(argv=None):
     train_loader = run.train_loader(dataset, config['batch_size'])
 
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
-    model = run.prepare(ALBEF(config=config, text_encoder=config['text_encoder'],
-                              tokenizer=tokenizer, init_deit=config['init_deit']), train_loader)
+    model = ALBEF(config=config, text_encoder=config['text_encoder'], tokenizer=tokenizer,
+                  init_deit=config['init_deit'])
+    run.prepare(model, train_loader)  # options, optimiser, schedule, starting weights, DDP
     train_step = make_train_step(tokenizer, config, run.device)
 
     logger.info('pre-training for %d epochs, %d steps per epoch', config['schedular']['epochs'],

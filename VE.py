@@ -52,8 +52,8 @@ def main(argv=None):
     val_loader, test_loader = run.eval_loaders([val_set, test_set], config['batch_size_test'])
 
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
-    model = run.prepare(ALBEF(config=config, text_encoder=config['text_encoder'],
-                              tokenizer=tokenizer), train_loader)
+    model = ALBEF(config=config, text_encoder=config['text_encoder'], tokenizer=tokenizer)
+    run.prepare(model, train_loader)  # options, optimiser, schedule, starting weights, DDP
     train_step, predict = make_steps(tokenizer, run.device)
 
     val_acc = test_acc = None

@@ -128,9 +128,9 @@ def main(argv=None):
     eval_loaders = run.eval_loaders(list(eval_sets.values()), config['batch_size_test'])
 
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
-    model = run.prepare(ALBEF(config=config, text_encoder=config['text_encoder'],
-                              text_decoder=config['text_decoder'], tokenizer=tokenizer),
-                        train_loader)
+    model = ALBEF(config=config, text_encoder=config['text_encoder'],
+                  text_decoder=config['text_decoder'], tokenizer=tokenizer)
+    run.prepare(model, train_loader)  # options, optimiser, schedule, starting weights, DDP
     train_step = make_train_step(tokenizer, run.device)
 
     for epoch in run.epochs():  # nothing to train with --evaluate

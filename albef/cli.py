@@ -12,15 +12,13 @@ shows the full traceback instead.
 """
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import utils
 from albef.api import ALBEFInference
-from models.checkpoint import CheckpointError
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
 
@@ -96,16 +94,6 @@ COMMANDS = {'embed-images': embed_images, 'embed-texts': embed_texts, 'score': s
             'answer': answer, 'gradcam': gradcam}
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each flag's default after its help (except required flags, flags without a default
-    and on/off switches) and keeps the descriptions' line breaks."""
-
-    def _get_help_string(self, action):
-        if action.required or action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument('--checkpoint', required=True,
@@ -116,13 +104,15 @@ def build_parser():
                         help='torch device (default: cuda if available, else cpu)')
     common.add_argument('--batch_size', type=int, default=32,
                         help='images or texts encoded per forward pass')
+    common.add_argument('--precision', default='fp32', choices=('fp32', 'bf16', 'fp16'),
+                        help='autocast dtype of the model (bf16 / fp16 on a GPU)')
     common.add_argument('--debug', action='store_true',
                         help='show the full traceback on errors')
     parser = argparse.ArgumentParser(prog='albef', description=__doc__,
-                                     formatter_class=HelpFormatter)
+                                     formatter_class=utils.HelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
     add = lambda name, help: sub.add_parser(name, parents=[common], help=help, description=help,
-                                            formatter_class=HelpFormatter)
+                                            formatter_class=utils.HelpFormatter)
     p = add('embed-images', 'ITC features of every image in a folder')
     p.add_argument('--images', required=True, help='a folder (searched recursively)')
     p.add_argument('--out', required=True, help='a .pt or .npy file')
@@ -150,24 +140,14 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    albef = ALBEFInference.from_checkpoint(args.checkpoint, config=args.config, device=args.device)
+    albef = ALBEFInference.from_checkpoint(args.checkpoint, config=args.config, device=args.device,
+                                           precision=args.precision)
     albef.batch_size = args.batch_size
     return COMMANDS[args.command](albef, args)
-
-
-EXPECTED_ERRORS = (CheckpointError, ValueError, OSError, KeyError)
 
 
 def run(argv=None):
     """The `albef` console script: main(), with a wrong file, kind or config reported as one
     line `error: ...` on stderr and exit status 2 (the full traceback with --debug or
-    ALBEF_DEBUG=1)."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    try:
-        return main(args)
-    except EXPECTED_ERRORS as error:
-        if '--debug' in args or os.environ.get('ALBEF_DEBUG') == '1':
-            raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f'error: {message}', file=sys.stderr)
-        sys.exit(2)
+    ALBEF_DEBUG=1), as the task scripts."""
+    return utils.run(main, argv)

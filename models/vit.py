@@ -6,7 +6,6 @@ checkpoints use (`patch_embed.proj`, `blocks.N.attn.qkv`, ...). Attention runs t
 explicit softmax path and keeps the map and its gradient.
 """
 import logging
-import math
 from functools import partial
 
 import torch
