@@ -242,11 +242,10 @@ def plot_losses(ctx):
 
 
 def gradcam_overlays(ctx, count=3):
-    """Grad-CAM overlays (tools/gradcam_overlay.py) of the grounding model on a few held-out
+    """Grad-CAM overlays (albef.api GradCAMMaps.save) of the grounding model on a few held-out
     referring expressions."""
     from albef.api import ALBEFInference
     from PIL import Image
-    from tools.gradcam_overlay import save_overlays
 
     checkpoint = os.path.join(ctx.out('grounding'), 'checkpoint_best.pth')
     if not os.path.isfile(checkpoint):
@@ -257,7 +256,7 @@ def gradcam_overlays(ctx, count=3):
         image = Image.open(os.path.join(DATA, record['image'])).convert('RGB')
         cam = model.gradcam(image, record['text'], block_num=ctx.gradcam_block())
         folder = os.path.join(ctx.output_dir, 'gradcam', f'{i}_{record["text"].replace(" ", "_")}')
-        save_overlays(cam.image, cam.tokens, cam.token_maps.numpy(), cam.average.numpy(), folder)
+        cam.save(folder)
         folders.append(folder)
     return folders
 

@@ -18,6 +18,7 @@ What each kind supports:
 import functools
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,33 @@ class GradCAMMaps:
     tokens: list  # word pieces of the cleaned text ([CLS] dropped)
     token_maps: torch.Tensor  # (len(tokens), H, W) at the image's own resolution
     average: torch.Tensor  # (H, W): the mean over the word pieces
+
+    def save(self, out_dir):
+        """The overlays of paper Fig. 5: <out_dir>/00_average.png, then one PNG per word piece
+        (NN_<piece>.png); returns the written paths."""
+        os.makedirs(out_dir, exist_ok=True)
+        paths = [os.path.join(out_dir, '00_average.png')]
+        overlay(self.image, self.average.numpy()).save(paths[0])
+        for i, (token, heat) in enumerate(zip(self.tokens, self.token_maps.numpy()), start=1):
+            name = re.sub(r'[^A-Za-z0-9]+', '', token) or 'token'
+            paths.append(os.path.join(out_dir, f'{i:02d}_{name}.png'))
+            overlay(self.image, heat).save(paths[-1])
+        return paths
+
+
+def colorize(heat):
+    """A (H, W) map in [0, 1] as an RGB 'jet'-style uint8 image."""
+    x = np.clip(heat, 0, 1)[..., None]
+    rgb = np.clip(1.5 - np.abs(4 * x - np.array([3.0, 2.0, 1.0])), 0, 1)
+    return (255 * rgb).astype(np.uint8)
+
+
+def overlay(image, heat, weight=0.5):
+    """Blend a (H, W) heat map (any range) onto a PIL image of the same size."""
+    heat = heat - heat.min()
+    heat = heat / heat.max() if heat.max() > 0 else heat
+    blended = (1 - weight) * np.asarray(image, dtype=np.float32) + weight * colorize(heat)
+    return Image.fromarray(blended.astype(np.uint8))
 
 
 def _resolve(path):

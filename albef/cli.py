@@ -82,10 +82,7 @@ def answer(albef, args):
 
 
 def gradcam(albef, args):
-    from tools.gradcam_overlay import save_overlays
-    maps = albef.gradcam(args.image, args.text, block_num=args.block_num)
-    paths = save_overlays(maps.image, maps.tokens, maps.token_maps.numpy(), maps.average.numpy(),
-                          args.out)
+    paths = albef.gradcam(args.image, args.text, block_num=args.block_num).save(args.out)
     print('\n'.join(paths))
     return paths
 
