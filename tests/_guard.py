@@ -1,7 +1,7 @@
 """Keeps the test suite self-contained: a test may read the repository, the Python installation,
 the temporary folders, the user's caches and the system folders, and nothing else. A fresh
 clone has nothing beside it, so a test that reads a sibling folder of the repository (as the
-parity tests once read ../shared/reference) passes here and fails for everyone else; the guard
+parity tests once read a sibling fixtures folder) passes here and fails for everyone else; the guard
 makes it fail here too, with a clear message.
 
 tests/conftest.py installs `audit_hook` (sys.addaudithook) when pytest imports it. It checks the

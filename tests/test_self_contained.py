@@ -10,7 +10,7 @@ import torch
 from tests import _guard
 from tests._guard import ROOT, outside_repository
 
-SIBLING = Path(ROOT).parent / 'shared' / 'reference'
+SIBLING = Path(ROOT).parent / 'sibling' / 'reference'
 siblings_refused = pytest.mark.skipif(
     not _guard.SIBLINGS_REFUSED, reason='the repository lies directly in the temporary folder, '
     'whose files cannot be told from siblings of the repository')
@@ -18,12 +18,12 @@ siblings_refused = pytest.mark.skipif(
 
 @siblings_refused
 def test_a_sibling_folder_of_the_repository_is_refused(monkeypatch):
-    assert outside_repository(f'{ROOT}/../shared/reference/x')
+    assert outside_repository(f'{ROOT}/../sibling/reference/x')
     assert outside_repository(SIBLING / 'tiny_a' / 'pretrain' / 'expected.pt')
     assert outside_repository(os.fsencode(SIBLING / 'state_dict_manifests.json'))
     monkeypatch.chdir(ROOT)
-    assert outside_repository('../shared/reference/x')
-    assert outside_repository(Path('tests/../../shared'))
+    assert outside_repository('../sibling/reference/x')
+    assert outside_repository(Path('tests/../../sibling'))
 
 
 def test_the_repository_and_its_fixtures_are_allowed(monkeypatch):
