@@ -34,8 +34,8 @@ from dataset.ve_dataset import LABELS as VE_LABELS
 from dataset.vqa_dataset import MAX_QUESTION_WORDS
 from models import (model_nlvr, model_pretrain, model_pretrain_nlvr, model_retrieval, model_ve,
                     model_vqa)
-from models.checkpoint import (CheckpointError, checkpoint_kind, load_weights, read_checkpoint,
-                               state_dict_of)
+from models.checkpoint import (CheckpointError, checkpoint_kind, has_momentum, load_weights,
+                               read_checkpoint, state_dict_of)
 from engine import autocast_context
 from models.gradcam import default_block, heatmaps
 from models.tokenization_bert import BertTokenizer
@@ -103,10 +103,6 @@ def _resolve(path):
     return path
 
 
-def _has_momentum(state_dict):
-    return any(key.split('.', 1)[0].endswith('_m') for key in state_dict)
-
-
 def build_model(kind, config, tokenizer, state_dict):
     """The task's ALBEF for `config`, random weights, sized to fit `state_dict`.
 
@@ -119,7 +115,7 @@ def build_model(kind, config, tokenizer, state_dict):
     if 'image_queue' in state_dict:
         config['queue_size'] = state_dict['image_queue'].shape[1]
     if kind in ('vqa', 've', 'nlvr'):
-        config['distill'] = _has_momentum(state_dict)
+        config['distill'] = has_momentum(state_dict)
     # Every weight comes from the checkpoint: no BERT / DeiT initialisation is downloaded.
     extra = {'pretrain': {'init_deit': False}, 'vqa': {'text_decoder': None}}.get(kind, {})
     return MODELS[kind].ALBEF(config=config, text_encoder=None, tokenizer=tokenizer, **extra)

@@ -118,6 +118,8 @@ def eval_loader(dataset, batch_size, num_workers, collate_fn=None, world_size=1,
                       persistent_workers=num_workers > 0, generator=torch.Generator())
 
 
+# The original's loader factories, kept for users' scripts; the task scripts use train_loader
+# and eval_loader above.
 def create_sampler(datasets, shuffles, num_tasks, global_rank):
     """One DistributedSampler per dataset (eval samplers pad with duplicates, as the original)."""
     return [DistributedSampler(dataset, num_replicas=num_tasks, rank=global_rank, shuffle=shuffle)

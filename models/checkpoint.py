@@ -265,7 +265,8 @@ ZERO_SHOT = {('pretrain', 'retrieval')}
 ONLINE_ONLY = FinetuneRule(None, allow_missing=(_MOMENTUM, *_QUEUES, r'idx_queue'))
 
 
-def _has_momentum(keys):
+def has_momentum(keys):
+    """Whether state-dict keys include momentum copies (`visual_encoder_m.` and the like)."""
     return any(key.split('.', 1)[0].endswith('_m') for key in keys)
 
 
@@ -291,7 +292,7 @@ def load_weights(model, checkpoint, target_kind, source_kind=None, evaluate=Fals
     state_dict = state_dict_of(checkpoint, source)
     source_kind = source_kind or checkpoint_kind(state_dict)
     if source_kind == target_kind:
-        if _has_momentum(model.state_dict()) and not _has_momentum(state_dict):
+        if has_momentum(model.state_dict()) and not has_momentum(state_dict):
             report = load_checkpoint(model, state_dict, kind=target_kind,
                                      allow_missing=ONLINE_ONLY.allow_missing)
             model.copy_params()
