@@ -9,6 +9,9 @@ more than the runs); nothing in the scripts catches it, so no checkpoint is writ
 out. tests/test_resume.py kills real processes (Pretrain.py, one process and torchrun).
 """
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -21,7 +24,7 @@ import Retrieval
 import VE
 import VQA
 import engine
-from tests.tiny import synthetic_with_pretrained, tiny_config
+from tests.tiny import ROOT, synthetic_with_pretrained, tiny_config
 
 
 class Killed(BaseException):
@@ -59,7 +62,9 @@ def setup(tmp_path_factory):
     data, pretrained = synthetic_with_pretrained(tmp_path_factory.mktemp('synthetic'))
     for name, script in SCRIPTS.items():
         # a step checkpoint one step into epoch 1, none in epoch 0
+        # loader workers as in every shipped config: their RNG use must not shift a resumed run
         tiny_config(script.template, data, data / f'{name}.yaml', **script.changes,
+                    num_workers=2,
                     checkpoint_every_steps=script.steps_per_epoch + 1, keep_checkpoints=2,
                     schedular=dict(epochs=2, warmup_epochs=1))
     return data, pretrained, tmp_path_factory.mktemp('uninterrupted'), {}
@@ -91,9 +96,9 @@ def final_checkpoint(output_dir):
     return torch.load(engine.checkpoints(output_dir)[0], weights_only=False)
 
 
-def assert_same_training_state(a_dir, b_dir):
+def assert_same_training_state(a_dir, b_dir, epoch=1):
     a, b = final_checkpoint(a_dir), final_checkpoint(b_dir)
-    assert a['epoch'] == b['epoch'] == 1
+    assert a['epoch'] == b['epoch'] == epoch
     assert a['model'].keys() == b['model'].keys()
     different = [key for key in a['model'] if not torch.equal(a['model'][key], b['model'][key])]
     assert not different, f'resumed run differs from the uninterrupted one in {different[:5]}'
@@ -192,3 +197,42 @@ def test_killed_during_evaluation_and_resumed_evaluates_that_epoch(setup, name, 
         steps = SCRIPTS[name].steps_per_epoch
         assert resumed_from.endswith('checkpoint_00_step%06d.pth' % steps)
         assert (position['epoch'], position['step'], position['epoch_trained']) == (0, steps, True)
+
+
+def run_process(setup, name, output_dir, *extra, exit_after=None):
+    """The script as its own process (one intra-op thread, as `run`), killed by the engine's
+    abrupt-exit hook (no clean-up, as kill -9) once `exit_after` steps are done."""
+    data, pretrained, _, _ = setup
+    script = SCRIPTS[name]
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'}
+    env.pop(engine.EXIT_AFTER_STEPS_ENV, None)
+    if exit_after is not None:
+        env[engine.EXIT_AFTER_STEPS_ENV] = str(exit_after)
+    cmd = [sys.executable, f'{script.module.__name__}.py', '--config', str(data / f'{name}.yaml'),
+           '--output_dir', str(output_dir), '--device', 'cpu',
+           *(['--checkpoint', str(pretrained)] if script.from_pretrained else []),
+           *script.args, *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('name', ['retrieval', 've'])
+def test_killed_processes_resume_exactly_with_loader_workers(setup, name, tmp_path):
+    """Real processes with loader workers (the shipped configs have them), three epochs: killed
+    in epoch 0, resumed and killed again in epoch 1, resumed to the end: the same final state
+    and evaluations as the run never interrupted. (Persistent evaluation workers that drew
+    from the global RNG on their first use only shifted everything after a resumed epoch.)"""
+    opts = ('--opts', 'schedular.epochs=3', 'checkpoint_every_steps=2')
+    whole = tmp_path / 'whole'
+    run(setup, name, whole, *opts)
+    steps, killed = SCRIPTS[name].steps_per_epoch, tmp_path / 'killed'
+    first = run_process(setup, name, killed, *opts, exit_after=3)
+    assert first.returncode == 75, first.stderr[-2000:]
+    assert engine.checkpoints(killed)[0].endswith('checkpoint_00_step000002.pth')
+    second = run_process(setup, name, killed, '--resume', *opts, exit_after=steps + 2)
+    assert second.returncode == 75, second.stderr[-2000:]
+    assert 'resumed from' in second.stdout + second.stderr
+    assert os.path.basename(engine.checkpoints(killed)[0]).startswith('checkpoint_01_step')
+    last = run_process(setup, name, killed, '--resume', *opts)
+    assert last.returncode == 0, last.stderr[-2000:]
+    assert_same_training_state(whole, killed, epoch=2)
+    assert without_train_stats(read_log(killed)) == without_train_stats(read_log(whole))
