@@ -13,14 +13,13 @@ On the synthetic data (the tiny BERT's last fusion layer is 3):
     python Grounding.py --config configs/tiny/Grounding.yaml --output_dir output/grounding_tiny \
         --checkpoint output/pretrain_tiny/checkpoint_07.pth --block_num 3
 """
-import json
 import logging
 
 import engine
 import utils
 from dataset import create_dataset
-from dataset.grounding_dataset import load_refer
-from dataset.grounding_eval import grounding_eval
+from dataset.grounding_dataset import load_dets, load_refer
+from dataset.grounding_eval import check_inputs, grounding_eval
 from models.gradcam import gradcam
 from models.model_retrieval import ALBEF
 from models.tokenization_bert import BertTokenizer
@@ -70,11 +69,19 @@ def main(argv=None):
     config = run.config
 
     train_set, test_set = create_dataset('grounding', config)
+    refer = load_refer(config['refcoco_data'], 'refcoco+', 'unc')
+    dets = load_dets(config['det_file'])
+    splits = check_inputs(test_set, refer, dets, test_file=config['test_file'],
+                          det_file=config['det_file'])
+    if not run.evaluating and not splits['val']:
+        # NOTE(fixed): the original divided by zero after the first epoch; val_d would be nan
+        # here and checkpoint_best.pth silently never written.
+        raise utils.ConfigError(
+            f"test_file {config['test_file']} holds no expression of the REFER 'val' split: "
+            "training keeps checkpoint_best.pth by val accuracy (val_d), so test_file must include "
+            "the val expressions (--evaluate alone scores whichever splits it holds)")
     train_loader = run.train_loader(train_set, config['batch_size'])
     test_loader, = run.eval_loaders([test_set], config['batch_size'])
-    refer = load_refer(config['refcoco_data'], 'refcoco+', 'unc')
-    with open(config['det_file'], encoding='utf-8') as f:
-        dets = json.load(f)
 
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
     model = ALBEF(config=config, text_encoder=config['text_encoder'], tokenizer=tokenizer)

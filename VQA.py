@@ -28,9 +28,7 @@ import torch
 
 import engine
 import utils
-from dataset import create_dataset, vqa_collate_fn
-from dataset.transforms import create_transform
-from dataset.vqa_dataset import vqa_dataset
+from dataset import create_dataset, vqa_collate_fn, vqa_eval_dataset
 from dataset.vqa_eval import vqa_accuracy
 from models.model_vqa import ALBEF
 from models.tokenization_bert import BertTokenizer
@@ -120,10 +118,7 @@ def main(argv=None):
     train_set, test_set = create_dataset('vqa', config)
     eval_sets = {'test': test_set}
     if config.get('val_file'):  # questions with human answers, answered and scored locally
-        eval_sets['val'] = vqa_dataset(config['val_file'],
-                                       create_transform('test', config['image_res']),
-                                       config['vqa_root'], config['vg_root'], eos=config['eos'],
-                                       split='test', answer_list=config['answer_list'])
+        eval_sets['val'] = vqa_eval_dataset(config, 'val_file')
     train_loader = run.train_loader(train_set, config['batch_size_train'], collate_fn=vqa_collate_fn)
     eval_loaders = run.eval_loaders(list(eval_sets.values()), config['batch_size_test'])
 

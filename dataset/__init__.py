@@ -5,6 +5,7 @@ from dataset.faults import BadSamplePolicy, skipped_samples
 from dataset.caption_dataset import re_train_dataset as _re_train_dataset
 from dataset.grounding_dataset import grounding_dataset as _grounding_dataset
 from dataset.nlvr_dataset import nlvr_dataset as _nlvr_dataset
+from dataset.pretrain_dataset import check_evaluation_set
 from dataset.pretrain_dataset import pretrain_dataset as _pretrain_dataset
 from dataset.transforms import create_transform
 from dataset.ve_dataset import ve_dataset as _ve_dataset
@@ -12,8 +13,8 @@ from dataset.vqa_dataset import vqa_collate_fn
 from dataset.vqa_dataset import vqa_dataset as _vqa_dataset
 from dataset.loaders import create_loader, create_sampler, eval_loader, train_loader
 
-__all__ = ['create_dataset', 'create_sampler', 'create_loader', 'eval_loader', 'train_loader',
-           'vqa_collate_fn', 'skipped_samples']
+__all__ = ['create_dataset', 'vqa_eval_dataset', 'create_sampler', 'create_loader', 'eval_loader',
+           'train_loader', 'vqa_collate_fn', 'skipped_samples']
 
 
 def _policy(config):
@@ -27,8 +28,10 @@ def _train(dataset, config):
     return BadSamplePolicy(dataset, _policy(config))
 
 
-def _evaluation(dataset):
-    return BadSamplePolicy(dataset, 'fail')
+def _evaluation(dataset, config, key):
+    # NOTE(fixed): evaluation data is first read after training; what would stop it there (no
+    # records, a missing image, a text that cleaning empties) is refused while building it.
+    return BadSamplePolicy(check_evaluation_set(dataset, key, config[key]), 'fail')
 
 
 def _pretrain(config):
@@ -48,18 +51,22 @@ def _re(config):
     root = config['image_root']
     return (_train(_re_train_dataset(config['train_file'], train_transform, root,
                                      on_bad_sample=_policy(config)), config),
-            _evaluation(_re_eval_dataset(config['val_file'], test_transform, root)),
-            _evaluation(_re_eval_dataset(config['test_file'], test_transform, root)))
+            _evaluation(_re_eval_dataset(config['val_file'], test_transform, root), config, 'val_file'),
+            _evaluation(_re_eval_dataset(config['test_file'], test_transform, root), config, 'test_file'))
 
 
 def _vqa(config):
-    train_transform, test_transform = _train_and_test_transforms(config)
-    roots = config['vqa_root'], config['vg_root']
-    eos = config['eos']
-    return (_train(_vqa_dataset(config['train_file'], train_transform, *roots, eos=eos, split='train',
+    train_transform = create_transform('train', config['image_res'], config.get('augment'))
+    return (_train(_vqa_dataset(config['train_file'], train_transform, config['vqa_root'],
+                                config['vg_root'], eos=config['eos'], split='train',
                                 on_bad_sample=_policy(config)), config),
-            _evaluation(_vqa_dataset(config['test_file'], test_transform, *roots, eos=eos,
-                                     split='test', answer_list=config['answer_list'])))
+            _vqa_eval(config, 'test_file'))
+
+
+def _vqa_eval(config, key):
+    return _evaluation(_vqa_dataset(config[key], create_transform('test', config['image_res']),
+                                    config['vqa_root'], config['vg_root'], eos=config['eos'],
+                                    split='test', answer_list=config['answer_list']), config, key)
 
 
 def _nlvr(config):
@@ -67,8 +74,8 @@ def _nlvr(config):
     root = config['image_root']
     return (_train(_nlvr_dataset(config['train_file'], train_transform, root,
                                  on_bad_sample=_policy(config)), config),
-            _evaluation(_nlvr_dataset(config['val_file'], test_transform, root)),
-            _evaluation(_nlvr_dataset(config['test_file'], test_transform, root)))
+            _evaluation(_nlvr_dataset(config['val_file'], test_transform, root), config, 'val_file'),
+            _evaluation(_nlvr_dataset(config['test_file'], test_transform, root), config, 'test_file'))
 
 
 def _ve(config):
@@ -76,8 +83,8 @@ def _ve(config):
     root = config['image_root']
     return (_train(_ve_dataset(config['train_file'], train_transform, root,
                                on_bad_sample=_policy(config)), config),
-            _evaluation(_ve_dataset(config['val_file'], test_transform, root)),
-            _evaluation(_ve_dataset(config['test_file'], test_transform, root)))
+            _evaluation(_ve_dataset(config['val_file'], test_transform, root), config, 'val_file'),
+            _evaluation(_ve_dataset(config['test_file'], test_transform, root), config, 'test_file'))
 
 
 def _grounding(config):
@@ -85,7 +92,8 @@ def _grounding(config):
     root = config['image_root']
     return (_train(_grounding_dataset(config['train_file'], train_transform, root, mode='train',
                                       on_bad_sample=_policy(config)), config),
-            _evaluation(_grounding_dataset(config['test_file'], test_transform, root, mode='test')))
+            _evaluation(_grounding_dataset(config['test_file'], test_transform, root, mode='test'),
+                        config, 'test_file'))
 
 
 _TASK = {'re': 'retrieval'}  # the config task of a dataset name
@@ -112,3 +120,10 @@ def create_dataset(name, config):
         raise ValueError(f'unknown dataset {name!r}; supported: {list(_BUILDERS)}')
     from utils import with_defaults
     return _BUILDERS[name](with_defaults(config, _TASK.get(name, name)))
+
+
+def vqa_eval_dataset(config, key='val_file'):
+    """The questions of `config[key]` answered by ranking `answer_list` (VQA.py's optional
+    val_file with human answers, scored locally), checked as create_dataset checks test_file."""
+    from utils import with_defaults
+    return _vqa_eval(with_defaults(config, 'vqa'), key)

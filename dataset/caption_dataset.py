@@ -25,6 +25,11 @@ def _check_eval_record(record, where):
     # per character, hence the list type above and the items checked here.
     if not record['caption'] or not all(isinstance(c, str) and c.strip() for c in record['caption']):
         raise ValueError(f'{where}: "caption" must be a non-empty list of non-blank strings')
+    # NOTE(fixed): the original ranked a caption that cleaning empties ("...") as an empty text;
+    # training refuses such a caption (require_text), evaluation does here.
+    for caption in record['caption']:
+        if not pre_caption(caption):
+            raise ValueError(f'{where}: caption {caption!r} is empty after cleaning')
 
 
 class re_train_dataset(Dataset):  # original class name kept
@@ -79,6 +84,10 @@ class re_eval_dataset(Dataset):  # original class name kept
     def __len__(self):
         return len(self.ann)
 
+    def inputs(self, ann):
+        """(image files, None) that `__getitem__` reads for `ann` (the texts are in `.text`)."""
+        return (os.path.join(self.image_root, ann['image']),), None
+
     def __getitem__(self, index):
-        image = load_image(os.path.join(self.image_root, self.ann[index]['image']))
-        return self.transform(image), index
+        (path,), _ = self.inputs(self.ann[index])
+        return self.transform(load_image(path)), index

@@ -56,10 +56,15 @@ class grounding_dataset(Dataset):  # original class name kept
     def __len__(self):
         return len(self.ann)
 
+    def inputs(self, ann):
+        """(image files, cleaned expression) that `__getitem__` reads for `ann`."""
+        text = require_text(pre_caption(ann['text'], self.max_words), ann['text'], 'text')
+        return (os.path.join(self.image_root, ann['image']),), text
+
     def __getitem__(self, index):
         ann = self.ann[index]
-        image = self.transform(load_image(os.path.join(self.image_root, ann['image'])))
-        text = require_text(pre_caption(ann['text'], self.max_words), ann['text'], 'text')
+        (path,), text = self.inputs(ann)
+        image = self.transform(load_image(path))
         if self.mode == 'test':
             return image, text, ann['ref_id']
         return image, text, self.img_ids[_file_name(ann['image'])]
@@ -78,6 +83,7 @@ class Refer:
     Refs: dict
     refToAnn: dict
     Imgs: dict
+    refs_file: str = ''  # where Refs were read, for messages
 
     def ref_ids(self, split=None):
         """Every ref_id, or those of one split ('train', 'val', 'testA', 'testB'), in file order."""
@@ -152,4 +158,21 @@ def load_refer(refcoco_data_dir, dataset='refcoco+', split_by='unc'):
             raise ValueError(f'{where}: duplicate ref_id {ref["ref_id"]}')
         ref_by_id[ref['ref_id']] = ref
         ref_to_ann[ref['ref_id']] = anns[ref['ann_id']]
-    return Refer(Refs=ref_by_id, refToAnn=ref_to_ann, Imgs=images)
+    return Refer(Refs=ref_by_id, refToAnn=ref_to_ann, Imgs=images, refs_file=refs_path)
+
+
+def load_dets(path):
+    """The detection proposals of `path` (the config's det_file): a JSON object mapping an image
+    id (as a string) to its boxes [x, y, w, h, ...]. The boxes of the test images are checked by
+    grounding_eval.check_inputs."""
+    try:
+        with open(path, 'r', encoding='utf-8') as f:
+            dets = json.load(f)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f'det_file not found: {path}') from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f'det_file {path} is not valid JSON: {error}') from error
+    if not isinstance(dets, dict):
+        raise ValueError(f'det_file {path} must hold a JSON object (image id -> boxes), '
+                         f'got {type(dets).__name__}')
+    return dets

@@ -4,11 +4,58 @@ A Grad-CAM map (models/gradcam.py) is upsampled to the image size; every detecto
 by the map mass inside it divided by (box area)^alpha; the best box is correct when its IoU with
 the annotated box is at least 0.5. Accuracy is reported per RefCOCO+ split (val, testA, testB).
 """
+import collections
+import logging
+import numbers
+
 import torch
 
+from dataset.faults import describe_record
+from dataset.pretrain_dataset import file_names
 from models.gradcam import upsample
 
+logger = logging.getLogger(__name__)
+
 SPLIT_KEYS = {'val': 'val_d', 'testA': 'testA_d', 'testB': 'testB_d'}
+
+
+def _is_box(box):
+    return (isinstance(box, (list, tuple)) and len(box) >= 4 and
+            all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in box[:4]))
+
+
+def check_inputs(dataset, refer, dets, *, test_file, det_file):
+    """Check, before any training, that `grounding_eval` can score every expression of
+    `dataset` (the test set of the config's `test_file`): its ref_id is in the REFER refs and
+    its image has an entry in `dets` (read from `det_file`) whose boxes are [x, y, w, h, ...]
+    numbers. Errors name the record and the files. Returns the number of expressions per
+    REFER split (a Counter)."""
+    names = file_names(test_file)
+    refs_file = getattr(refer, 'refs_file', '') or 'the REFER refs'
+    splits, checked = collections.Counter(), set()
+    for index, ann in enumerate(dataset.ann):
+        ref_id = ann['ref_id']
+        where = f'test_file {names}: {describe_record(dataset, index)}'
+        if ref_id not in refer.Refs:
+            raise ValueError(f'{where}: ref_id {ref_id} is not in {refs_file}')
+        ref = refer.Refs[ref_id]
+        splits[ref['split']] += 1
+        image_id = str(ref['image_id'])
+        if image_id in checked:
+            continue
+        if image_id not in dets:
+            raise ValueError(f'{where}: its image (image_id {image_id}) has no detection proposals '
+                             f'in det_file {det_file}')
+        boxes = dets[image_id]
+        if not isinstance(boxes, list) or not all(_is_box(box) for box in boxes):
+            raise ValueError(f'det_file {det_file}: image_id {image_id} (ref_id {ref_id}): expected a '
+                             f'list of boxes [x, y, w, h, ...], got {boxes!r:.200}')
+        checked.add(image_id)
+    unscored = {split: n for split, n in splits.items() if split not in SPLIT_KEYS}
+    if unscored:
+        # NOTE(faithful): grounding_eval counts the val, testA and testB expressions only.
+        logger.warning('test_file %s: expressions of REFER splits %s are not scored', names, unscored)
+    return splits
 
 
 def upsample_map(cam, height, width):

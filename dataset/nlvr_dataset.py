@@ -38,10 +38,14 @@ class nlvr_dataset(Dataset):  # original class name kept
     def __len__(self):
         return len(self.ann)
 
+    def inputs(self, ann):
+        """(image files, cleaned sentence) that `__getitem__` reads for `ann`."""
+        sentence = require_text(pre_caption(ann['sentence'], self.max_words), ann['sentence'], 'sentence')
+        return tuple(os.path.join(self.image_root, path) for path in ann['images']), sentence
+
     def __getitem__(self, index):
         ann = self.ann[index]
+        paths, sentence = self.inputs(ann)
         # Each image is transformed on its own: independent crops, flips and augmentations.
-        image0, image1 = (self.transform(load_image(os.path.join(self.image_root, path)))
-                          for path in ann['images'])
-        sentence = require_text(pre_caption(ann['sentence'], self.max_words), ann['sentence'], 'sentence')
+        image0, image1 = (self.transform(load_image(path)) for path in paths)
         return image0, image1, sentence, LABELS[ann['label']]

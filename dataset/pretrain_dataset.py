@@ -10,8 +10,8 @@ import random
 
 from torch.utils.data import Dataset
 
-from dataset.faults import check_policy, require_text
-from dataset.images import load_image
+from dataset.faults import SampleError, check_policy, describe_record, require_text
+from dataset.images import ImageLoadError, load_image
 from dataset.utils import pre_caption
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,45 @@ def check_fields(record, where, **types):
         if isinstance(value, str) and not value.strip():
             raise ValueError(f'{where}: {key!r} must not be blank')
     return record
+
+
+def file_names(ann_files):
+    """'a.json' or 'a.json, b.json': the annotation file(s) of a config key, for messages."""
+    if isinstance(ann_files, (str, os.PathLike)):
+        return str(ann_files)
+    return ', '.join(str(path) for path in ann_files)
+
+
+def check_evaluation_set(dataset, key, ann_files):
+    """Refuse now what would stop an evaluation set's first read, which comes after training.
+
+    `dataset` (built from `ann_files`, the value of the config key `key`) must hold records; for
+    each record `dataset.inputs(ann)` (the image files and cleaned text that `__getitem__`
+    reads, without decoding) must give a non-empty text and files that exist. Images are not
+    decoded here: a corrupt file still fails when it is read. Returns `dataset`.
+    """
+    names = file_names(ann_files)
+    if len(dataset) == 0:
+        raise ValueError(f'{key} {names} holds no records')
+    checked, missing, first_missing = set(), 0, None
+    for index, ann in enumerate(dataset.ann):
+        try:
+            paths, _ = dataset.inputs(ann)
+        except SampleError as error:  # a text that is empty after cleaning
+            raise SampleError(f'{key} {names}: {describe_record(dataset, index)}: {error}') from error
+        for path in paths:
+            if path in checked:
+                continue
+            checked.add(path)
+            if not os.path.isfile(path):
+                missing += 1
+                first_missing = first_missing or (index, path)
+    if missing:
+        index, path = first_missing
+        more = f' ({missing} image files of {key} are missing)' if missing > 1 else ''
+        raise ImageLoadError(f'{key} {names}: {describe_record(dataset, index)}: image file not '
+                             f'found: {path}{more}')
+    return dataset
 
 
 class pretrain_dataset(Dataset):  # original class name kept

@@ -35,8 +35,12 @@ class ve_dataset(Dataset):  # original class name kept
     def __len__(self):
         return len(self.ann)
 
+    def inputs(self, ann):
+        """(image files, cleaned sentence) that `__getitem__` reads for `ann`."""
+        sentence = require_text(pre_caption(ann['sentence'], self.max_words), ann['sentence'], 'sentence')
+        return (os.path.join(self.image_root, f'{ann["image"]}.jpg'),), sentence
+
     def __getitem__(self, index):
         ann = self.ann[index]
-        image = self.transform(load_image(os.path.join(self.image_root, f'{ann["image"]}.jpg')))
-        sentence = require_text(pre_caption(ann['sentence'], self.max_words), ann['sentence'], 'sentence')
-        return image, sentence, LABELS[ann['label']]
+        (path,), sentence = self.inputs(ann)
+        return self.transform(load_image(path)), sentence, LABELS[ann['label']]

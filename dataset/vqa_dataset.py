@@ -21,13 +21,33 @@ MAX_QUESTION_WORDS = {'train': 30, 'test': 50}
 VG_ANSWER_WEIGHT = 0.5  # Visual Genome has one answer per question: trusted half as much
 
 
+def _check_human_answers(record, where):
+    # Answers of a question that is answered and scored locally (a val_file): vqa_accuracy needs
+    # at least one for every question.
+    answer = record['answer']
+    answers = answer if isinstance(answer, list) else [answer]
+    if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+        raise ValueError(f'{where}: "answer" must be a non-blank string or a non-empty list of them')
+
+
 def _record_checker(split):
+    first_record = {}  # test split: question_id -> where it was first seen
+
     def check(record, where):
         check_fields(record, where, image=str, question=str, dataset=str)
         if record['dataset'] not in SOURCES:
             raise ValueError(f'{where}: "dataset" must be one of {SOURCES}, got {record["dataset"]!r}')
         if split == 'test':
             check_fields(record, where, question_id=int)
+            if 'answer' in record:
+                _check_human_answers(record, where)
+            # NOTE(fixed): the results are merged by question_id (one answer each, VQA.py), which
+            # would drop one of two questions sharing an id; the original wrote both under it.
+            question_id = record['question_id']
+            if question_id in first_record:
+                raise ValueError(f'{where}: question_id {question_id!r} repeats that of '
+                                 f'{first_record[question_id]}; test question ids must be unique')
+            first_record[question_id] = where
         elif record['dataset'] == 'vg':
             check_fields(record, where, answer=str)
         else:
@@ -54,6 +74,20 @@ def answer_weights(ann):
     return list(weights), list(weights.values())
 
 
+def load_answer_list(path):
+    """The candidate answers of `path`: a non-empty JSON list of strings."""
+    if not path:
+        raise ValueError('the VQA test split needs answer_list (a JSON list of answer strings)')
+    answers = load_json_list(path)
+    if not answers:
+        raise ValueError(f'answer_list {path} holds no answers')
+    for index, answer in enumerate(answers):
+        if not isinstance(answer, str):
+            raise ValueError(f'answer_list {path}, entry {index}: expected a string, '
+                             f'got {type(answer).__name__} {answer!r}')
+    return answers
+
+
 class vqa_dataset(Dataset):  # original class name kept
     """split 'train': `__getitem__` -> (image, question, answers + eos, weights as floats);
     split 'test': -> (image, question, question_id), and `.answer_list` holds the candidates.
@@ -70,20 +104,21 @@ class vqa_dataset(Dataset):  # original class name kept
         self.eos = eos
         self.max_ques_words = MAX_QUESTION_WORDS[split]
         if split == 'test':
-            if not answer_list:
-                raise ValueError('the VQA test split needs answer_list (a JSON list of answer strings)')
-            self.answer_list = load_json_list(answer_list)
-            if not all(isinstance(a, str) for a in self.answer_list):
-                raise ValueError(f'answer list {answer_list} must hold strings only')
+            self.answer_list = load_answer_list(answer_list)
 
     def __len__(self):
         return len(self.ann)
 
-    def __getitem__(self, index):
-        ann = self.ann[index]
-        image = self.transform(load_image(os.path.join(self.roots[ann['dataset']], ann['image'])))
+    def inputs(self, ann):
+        """(image files, cleaned question) that `__getitem__` reads for `ann`."""
         question = require_text(pre_question(ann['question'], self.max_ques_words), ann['question'],
                                 'question')
+        return (os.path.join(self.roots[ann['dataset']], ann['image']),), question
+
+    def __getitem__(self, index):
+        ann = self.ann[index]
+        (path,), question = self.inputs(ann)
+        image = self.transform(load_image(path))
         if self.split == 'test':
             return image, question, ann['question_id']
         answers, weights = answer_weights(ann)
