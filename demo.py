@@ -84,7 +84,7 @@ def stage_init(ctx):
 
 def stage_pretrain(ctx):
     import Pretrain
-    stats = Pretrain.main(ctx.args('Pretrain.yaml', 'pretrain', '--resume'))
+    stats = Pretrain.main(ctx.args('Pretrain.yaml', 'pretrain'))
     return {'train': stats, 'checkpoint': ctx.pretrained()}
 
 
@@ -187,8 +187,9 @@ class Context:
         return os.path.join(self.output_dir, stage)
 
     def args(self, config, stage, *extra):
+        # --resume: a stage killed part-way continues where it stopped when the demo is rerun
         return ['--config', os.path.join(CONFIGS, config), '--output_dir', self.out(stage),
-                '--device', self.device, '--seed', str(self.seed), *extra]
+                '--device', self.device, '--seed', str(self.seed), '--resume', *extra]
 
     def pretrained(self, stage='pretrain'):
         """A pre-training stage's last epoch-end checkpoint (step checkpoints are for resuming)."""

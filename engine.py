@@ -314,18 +314,43 @@ def setup(args, task):
     """The run of a task script: join the processes (torchrun / SLURM variables), load the
     config (defaults, --opts, checks), create --output_dir with its logs and config.yaml, seed.
     Nothing is created when the config or the command line is wrong."""
-    if getattr(args, 'evaluate', False) and not args.checkpoint:
+    evaluate = getattr(args, 'evaluate', False)
+    if evaluate and not args.checkpoint:
         raise utils.ConfigError('--evaluate needs --checkpoint (the checkpoint to evaluate)')
+    if not args.resume and not evaluate:
+        refuse_previous_run(args.output_dir)
     utils.init_distributed_mode(args)
     config = utils.load_task_config(args, task)
     os.makedirs(args.output_dir, exist_ok=True)
+    if utils.is_main_process():
+        remove_partial_checkpoints(args.output_dir)
     utils.setup_logging(args.output_dir)
     utils.set_seed(args.seed)
     utils.save_config(config, os.path.join(args.output_dir, 'config.yaml'))
     torch.backends.cudnn.benchmark = True
     return Run(config, args.output_dir, task, device=args.device, seed=args.seed,
                checkpoint=args.checkpoint, resume=args.resume,
-               evaluate=getattr(args, 'evaluate', False), gpu=getattr(args, 'gpu', 0))
+               evaluate=evaluate, gpu=getattr(args, 'gpu', 0))
+
+
+def refuse_previous_run(output_dir):
+    """A new run never shares its folder with an earlier one: a later --resume would continue
+    from the earlier run's checkpoints, and log.txt would hold both."""
+    found = [os.path.basename(p) for p in checkpoints(output_dir)[:3]]
+    if os.path.isfile(os.path.join(output_dir, 'log.txt')):
+        found.append('log.txt')
+    if found:
+        raise utils.ConfigError(f'--output_dir {output_dir} holds an earlier run '
+                                f'({", ".join(found)}): continue it with --resume, or choose '
+                                'another --output_dir')
+
+
+def remove_partial_checkpoints(output_dir):
+    """Delete the temporary files of checkpoint writes that a killed process left behind."""
+    for path in glob.glob(os.path.join(output_dir, utils.PARTIAL_CHECKPOINT_GLOB)):
+        logger.warning('removing %s, the unfinished write of a killed process', path)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 class Run:

@@ -3,6 +3,7 @@ the command line, torch.distributed set-up and no-op-safe collectives, seeding, 
 the MetricLogger and atomic checkpoint files. Models never import this module."""
 import argparse
 import collections
+import contextlib
 import copy
 import datetime
 import difflib
@@ -810,10 +811,14 @@ class MetricLogger:
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
+PARTIAL_CHECKPOINT_GLOB = '.checkpoint*.pth.*.tmp'  # save_checkpoint's temporary files
+
+
 def save_checkpoint(state, path):
     """torch.save `state` to `path` on the main process, atomically: the data goes to a temporary
     file in the same directory that replaces `path` only once complete, so a crash mid-save
-    leaves the previous checkpoint intact."""
+    leaves the previous checkpoint intact. A failed write (a full disk) removes its temporary
+    file and raises an OSError saying so."""
     if not is_main_process():
         return
     directory = os.path.dirname(os.path.abspath(path))
@@ -825,9 +830,15 @@ def save_checkpoint(state, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
+    except BaseException as error:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp_path)
+        # torch.save reports a full disk as an OSError or, from its zip writer, a RuntimeError.
+        if isinstance(error, (OSError, RuntimeError)):
+            kept = 'the previous file is unchanged' if os.path.exists(path) else 'nothing was written'
+            reason = getattr(error, 'strerror', None) or str(error)
+            raise OSError(f'cannot write checkpoint {path}: {reason}; its partial temporary file '
+                          f'was removed ({kept})') from error
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(directory, os.O_RDONLY)

@@ -309,3 +309,27 @@ def test_resume_refuses_a_folder_whose_checkpoints_are_all_unreadable(data, tmp_
     with pytest.raises(engine.CheckpointError, match='no checkpoint in .* is readable '
                                                      r'\(checkpoint_01.pth, checkpoint_00.pth\)'):
         ALL['pretrain'].module.main(argv(data, 'pretrain', tmp_path, '--resume'))
+
+
+@pytest.mark.parametrize('name', sorted(ALL))
+def test_a_new_run_refuses_a_folder_holding_an_earlier_run(data, name, tmp_path):
+    """Runs never mix: a later --resume would continue from the earlier run's checkpoints."""
+    earlier = tmp_path / 'earlier'
+    earlier.mkdir()
+    (earlier / 'checkpoint_01.pth').write_bytes(b'an earlier run')
+    (earlier / 'log.txt').write_text('{"epoch": 1}\n')
+    with pytest.raises(utils.ConfigError, match=r'holds an earlier run \(checkpoint_01.pth, '
+                                                r'log.txt\): continue it with --resume'):
+        ALL[name].module.main(argv(data, name, earlier))
+    assert sorted(p.name for p in earlier.iterdir()) == ['checkpoint_01.pth', 'log.txt']
+
+
+def test_partial_checkpoint_writes_of_a_killed_process_are_removed(data, tmp_path, caplog):
+    out = tmp_path / 'out'
+    out.mkdir()
+    partial = out / '.checkpoint_00.pth.x1y2.tmp'
+    partial.write_bytes(b'half a checkpoint')
+    with caplog.at_level(logging.WARNING, logger='engine'):
+        ALL['ve'].module.main(argv(data, 've', out, '--resume'))
+    assert not partial.exists() and 'unfinished write of a killed process' in caplog.text
+    assert engine.checkpoints(out)

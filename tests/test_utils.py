@@ -333,3 +333,21 @@ def test_two_process_gloo(tmp_path):
         assert res['ckpt_rank'] == 0  # only the main process writes
     assert results[0]['seeded'] != results[1]['seeded']  # seed + rank
     assert (tmp_path / 'log.txt').read_text().splitlines() == ['{"rank": 0}']
+
+
+@pytest.mark.parametrize('failure', [OSError(28, 'No space left on device'),
+                                     RuntimeError('PytorchStreamWriter failed writing file data/0')])
+def test_a_full_disk_during_a_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch, failure):
+    path = tmp_path / 'checkpoint_00.pth'
+    utils.save_checkpoint({'epoch': 0}, path)
+    before = path.read_bytes()
+
+    def full_disk(state, f):
+        f.write(b'the first bytes')
+        raise failure
+    monkeypatch.setattr(utils.torch, 'save', full_disk)
+    with pytest.raises(OSError, match=r'cannot write checkpoint .*checkpoint_00.pth: .*; its partial '
+                                      r'temporary file was removed \(the previous file is unchanged\)'):
+        utils.save_checkpoint({'epoch': 1}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint_00.pth']
+    assert path.read_bytes() == before
