@@ -257,7 +257,12 @@ def evaluate_accuracy(model, data_loader, predict, *, header='Evaluation:', prin
 # ---------------------------------------------------------------------------------------------
 
 def rng_state():
-    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(),
+    """This process's RNG states as tensors and plain Python values, so that checkpoints load
+    with torch.load(weights_only=True) (a numpy array would need unpickling)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {'torch': torch.get_rng_state(),
+             'numpy': (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss,
+                       cached_gaussian),
              'python': random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state['cuda'] = torch.cuda.get_rng_state()
@@ -266,7 +271,9 @@ def rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state['torch'])
-    np.random.set_state(state['numpy'])
+    name, keys, *rest = state['numpy']
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # older checkpoints: an array
+    np.random.set_state((name, keys.astype(np.uint32), *rest))
     random.setstate(state['python'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state['cuda'])

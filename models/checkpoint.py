@@ -7,6 +7,7 @@ buffers) or a real error. Real errors raise `CheckpointError`; nothing loads par
 """
 import logging
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 
@@ -50,17 +51,32 @@ class LoadReport:
         return '\n  '.join(lines)
 
 
+# Opt-in to unpickling checkpoints that hold arbitrary Python objects (it can run their code).
+TRUST_PICKLE_ENV = 'ALBEF_TRUST_PICKLE'
+
+
 def read_checkpoint(path):
-    """The object stored in a checkpoint file, with a clear error for missing/corrupt files."""
+    """The object stored in a checkpoint file, with a clear error for missing/corrupt files.
+
+    Read with torch.load(weights_only=True): tensors and plain Python data only, which is what
+    the released files and this repository's checkpoints hold. A file with other Python objects
+    is refused (unpickling runs code a malicious file chooses), unless ALBEF_TRUST_PICKLE=1.
+    """
+    trusted = os.environ.get(TRUST_PICKLE_ENV, '') == '1'
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=not trusted)
     except FileNotFoundError as e:
         raise CheckpointError(f'checkpoint {str(path)!r} does not exist') from e
-    except Exception:
-        pass
-    try:
-        # Training checkpoints also hold the config and optimizer state (plain Python objects).
-        return torch.load(path, map_location='cpu', weights_only=False)
+    except pickle.UnpicklingError as e:
+        if 'Weights only load failed' in str(e) and not trusted:
+            found = re.search(r'[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)', str(e))
+            what = f' (it names {found.group(1)})' if found else ''
+            raise CheckpointError(
+                f'checkpoint {str(path)!r} holds Python objects beyond tensors and plain '
+                f'data{what}: loading it could run code the file chooses. Only if you trust its '
+                f'source, set {TRUST_PICKLE_ENV}=1') from e
+        raise CheckpointError(f'checkpoint {str(path)!r} is unreadable (truncated or not a '
+                              f'torch checkpoint): {type(e).__name__}: {e}') from e
     except Exception as e:
         raise CheckpointError(f'checkpoint {str(path)!r} is unreadable (truncated or not a '
                               f'torch checkpoint): {type(e).__name__}: {e}') from e

@@ -82,7 +82,7 @@ def load_deit_weights(visual_encoder, source=True):
     if re.match(r'^https?://', url_or_path):
         try:
             checkpoint = torch.hub.load_state_dict_from_url(url_or_path, map_location='cpu',
-                                                            check_hash=True)
+                                                            check_hash=True, weights_only=True)
         except Exception as e:  # network, hash or format errors all mean: no init happened
             raise PretrainedWeightsError(
                 f'cannot download DeiT weights from {url_or_path}: {e}. Download the file and '
@@ -90,7 +90,8 @@ def load_deit_weights(visual_encoder, source=True):
     else:
         if not os.path.isfile(url_or_path):
             raise PretrainedWeightsError(f'DeiT checkpoint {url_or_path!r} does not exist')
-        checkpoint = torch.load(url_or_path, map_location='cpu', weights_only=False)
+        from models.checkpoint import read_checkpoint  # models.checkpoint imports this module
+        checkpoint = read_checkpoint(url_or_path)
     state_dict = checkpoint.get('model', checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict) or 'pos_embed' not in state_dict:
         raise PretrainedWeightsError(f'{url_or_path!r} is not a DeiT/timm ViT checkpoint '

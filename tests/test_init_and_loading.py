@@ -1,13 +1,15 @@
 """Initialisation from BERT / DeiT files written by transformers and timm themselves, and the
 checkpoint loader's report and errors."""
 import copy
+import random
 
+import numpy as np
 import pytest
 import timm
 import torch
 import transformers
 
-from models.checkpoint import CheckpointError, load_checkpoint
+from models.checkpoint import TRUST_PICKLE_ENV, CheckpointError, load_checkpoint, read_checkpoint
 from models.model_pretrain import ALBEF
 from models.pretrained import PretrainedWeightsError
 from models.vit import interpolate_pos_embed
@@ -137,3 +139,38 @@ def test_loader_rejects_wrong_kind_shapes_and_corrupt_files(tmp_path, tiny):
         load_checkpoint(fresh(config), truncated)
     with pytest.raises(CheckpointError, match='does not exist'):
         load_checkpoint(fresh(config), tmp_path / 'nothing.pth')
+
+
+class _CreatesAFileWhenUnpickled:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, 'w')
+
+
+def test_a_checkpoint_holding_python_objects_is_refused_before_any_code_runs(tmp_path, monkeypatch):
+    marker = tmp_path / 'code_ran'
+    path = tmp_path / 'malicious.pth'
+    torch.save({'model': {'w': torch.zeros(1)}, 'payload': _CreatesAFileWhenUnpickled(str(marker))},
+               path)
+    monkeypatch.delenv(TRUST_PICKLE_ENV, raising=False)
+    with pytest.raises(CheckpointError, match=r"malicious.pth' holds Python objects beyond tensors "
+                                              r"and plain data \(it names .*open\).*ALBEF_TRUST_PICKLE=1"):
+        read_checkpoint(path)
+    assert not marker.exists()
+    # the explicit opt-in unpickles it
+    monkeypatch.setenv(TRUST_PICKLE_ENV, '1')
+    assert read_checkpoint(path)['model']['w'].shape == (1,) and marker.exists()
+
+
+def test_training_checkpoints_load_weights_only(tmp_path):
+    """Everything engine.Run stores (RNG states included) is tensors and plain data."""
+    import engine
+    path = tmp_path / 'run.pth'
+    torch.save({'resume': {'rng': [engine.rng_state()]}}, path)
+    state = torch.load(path, weights_only=True)['resume']['rng'][0]
+    before = torch.rand(3), np.random.rand(3), random.random()
+    engine.set_rng_state(state)
+    again = torch.rand(3), np.random.rand(3), random.random()
+    assert torch.equal(before[0], again[0]) and (before[1] == again[1]).all() and before[2] == again[2]
