@@ -11,6 +11,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from models.vit import interpolate_pos_embed
@@ -53,6 +54,10 @@ class LoadReport:
 
 # Opt-in to unpickling checkpoints that hold arbitrary Python objects (it can run their code).
 TRUST_PICKLE_ENV = 'ALBEF_TRUST_PICKLE'
+# Plain numpy arrays are data: training checkpoints of earlier versions store numpy's RNG state
+# (uint32 keys) as one.
+_NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype,
+                        np.dtypes.UInt32DType]
 
 
 def read_checkpoint(path):
@@ -64,7 +69,8 @@ def read_checkpoint(path):
     """
     trusted = os.environ.get(TRUST_PICKLE_ENV, '') == '1'
     try:
-        return torch.load(path, map_location='cpu', weights_only=not trusted)
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            return torch.load(path, map_location='cpu', weights_only=not trusted)
     except FileNotFoundError as e:
         raise CheckpointError(f'checkpoint {str(path)!r} does not exist') from e
     except pickle.UnpicklingError as e:

@@ -174,3 +174,10 @@ def test_training_checkpoints_load_weights_only(tmp_path):
     engine.set_rng_state(state)
     again = torch.rand(3), np.random.rand(3), random.random()
     assert torch.equal(before[0], again[0]) and (before[1] == again[1]).all() and before[2] == again[2]
+
+
+def test_training_checkpoints_of_earlier_versions_with_numpy_rng_states_still_load(tmp_path):
+    path = tmp_path / 'earlier.pth'
+    torch.save({'resume': {'rng': [{'numpy': np.random.get_state()}]}}, path)
+    keys = read_checkpoint(path)['resume']['rng'][0]['numpy'][1]
+    assert isinstance(keys, np.ndarray) and keys.dtype == np.uint32
