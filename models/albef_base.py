@@ -21,6 +21,13 @@ def load_bert_config(config):
     return BertConfig.from_json_file(bert_config)
 
 
+def fit_tokenizer(tokenizer, bert_config):
+    """Make `tokenizer` (models.tokenization_bert.BertTokenizer) truncate every text to the
+    position table of a BERT of `bert_config`: longer input would crash the text encoder."""
+    tokenizer.model_max_length = bert_config.max_position_embeddings
+    return tokenizer
+
+
 def build_text_model(cls, bert_config, text_encoder=None, **kwargs):
     """A BERT module of class `cls`: random (text_encoder=None) or from pretrained weights."""
     if text_encoder:
@@ -100,6 +107,15 @@ class ALBEFBase(nn.Module):
     model_pairs: list
     fast_train = False
     momentum_updates = True
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        # The tokenizer given to the constructor (the caller's own object: scripts, albef.api)
+        # learns the text encoder's position table, whichever of the two is assigned last.
+        if name in ('tokenizer', 'text_encoder'):
+            tokenizer, encoder = self.__dict__.get('tokenizer'), self._modules.get('text_encoder')
+            if tokenizer is not None and encoder is not None:
+                fit_tokenizer(tokenizer, encoder.config)
 
     @staticmethod
     def build_visual_encoder(config):

@@ -31,7 +31,7 @@ from dataset.images import load_image
 from dataset.synthetic import COLORS, SHAPES
 from dataset.transforms import create_transform
 from dataset.utils import pre_caption
-from models.albef_base import load_bert_config, mask_tokens
+from models.albef_base import fit_tokenizer, load_bert_config, mask_tokens
 from models.tokenization_bert import BertTokenizer
 from models.vit import vit_from_config
 from utils import load_config
@@ -140,6 +140,8 @@ def train_bert(config, tokenizer, train_captions, test_captions, steps, lr, batc
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps,
                                                    pct_start=0.1)
     max_tokens = config.get('max_tokens', 30)
+
+    fit_tokenizer(tokenizer, ours)  # max_tokens above the position table is lowered to it
 
     def masked_batch(captions):
         text = tokenizer(captions, padding='longest', truncation=True, max_length=max_tokens,
