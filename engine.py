@@ -596,7 +596,8 @@ class Run:
         """Record `value` (higher is better; NaN never is) of the evaluation of `epoch`; True when
         it beats every earlier epoch. Call it on every rank with the same value."""
         if value > self.best_value:
-            self.best_value, self.best_epoch = value, epoch
+            # a Python float: checkpoints hold plain data only (see models.checkpoint)
+            self.best_value, self.best_epoch = float(value), epoch
             return True
         return False
 

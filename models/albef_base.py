@@ -50,19 +50,31 @@ def itc_loss(sim, targets):
     return -(F.log_softmax(sim, dim=1) * targets).sum(dim=1).mean()
 
 
+def finite_sampling_weights(weights):
+    """`weights` (B, B) with every row that holds a non-finite value made uniform over the other
+    columns. Such rows come from a diverged step (NaN similarities): its loss is non-finite too
+    and the run's non-finite-loss policy (skip or stop) decides, instead of torch.multinomial
+    failing first. NOTE(fixed): finite rows, hence the random draws, are unchanged; no host sync."""
+    finite_rows = torch.isfinite(weights).all(dim=1, keepdim=True)
+    uniform = torch.ones_like(weights)
+    if weights.size(0) == weights.size(1):
+        uniform.fill_diagonal_(0)
+    return torch.where(finite_rows, weights, uniform)
+
+
 def sample_negatives(weights):
     """One index per row of `weights`, drawn row by row.
 
     NOTE(faithful): one multinomial call per sample, in row order, so the draws follow the
     original's random-number stream.
     """
-    return torch.stack([torch.multinomial(w, 1)[0] for w in weights])
+    return torch.stack([torch.multinomial(w, 1)[0] for w in finite_sampling_weights(weights)])
 
 
 def sample_negatives_batched(weights):
     """One index per row of `weights` (B, B) in a single call: the same distribution as
     `sample_negatives`, no per-row launch or host sync, a different random stream."""
-    return torch.multinomial(weights, 1).squeeze(1)
+    return torch.multinomial(finite_sampling_weights(weights), 1).squeeze(1)
 
 
 def mask_tokens(input_ids, vocab_size, tokenizer, mlm_probability, targets=None,
@@ -229,10 +241,16 @@ class ALBEFBase(nn.Module):
         if self.queue_size % batch_size != 0:
             raise ValueError(f'queue_size {self.queue_size} is not a multiple of the global '
                              f'batch size {batch_size}')
-        self.image_queue[:, ptr:ptr + batch_size] = image_feats.T
-        self.text_queue[:, ptr:ptr + batch_size] = text_feats.T
+        # NOTE(fixed): a sample whose features are not finite (a diverged step, which the run's
+        # non-finite policy may skip) leaves its queue slot as it was: one NaN entry would make
+        # every later contrastive loss NaN. Finite features are written as in the original.
+        finite = (torch.isfinite(image_feats).all(dim=1) & torch.isfinite(text_feats).all(dim=1))[None]
+        window = slice(ptr, ptr + batch_size)
+        self.image_queue[:, window] = torch.where(finite, image_feats.T, self.image_queue[:, window])
+        self.text_queue[:, window] = torch.where(finite, text_feats.T, self.text_queue[:, window])
         if idx is not None:
-            self.idx_queue[:, ptr:ptr + batch_size] = concat_all_gather(idx).T
+            self.idx_queue[:, window] = torch.where(finite, concat_all_gather(idx).T,
+                                                    self.idx_queue[:, window])
         self.queue_ptr[0] = (ptr + batch_size) % self.queue_size
 
     def register_queues(self, embed_dim, queue_size, with_idx=False):

@@ -54,10 +54,10 @@ class LoadReport:
 
 # Opt-in to unpickling checkpoints that hold arbitrary Python objects (it can run their code).
 TRUST_PICKLE_ENV = 'ALBEF_TRUST_PICKLE'
-# Plain numpy arrays are data: training checkpoints of earlier versions store numpy's RNG state
-# (uint32 keys) as one.
-_NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype,
-                        np.dtypes.UInt32DType]
+# Plain numpy arrays and scalars are data: training checkpoints of earlier versions store
+# numpy's RNG state (uint32 keys) and metrics (float64) as such.
+_NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray,
+                        np.dtype, np.dtypes.UInt32DType, np.dtypes.Float64DType]
 
 
 def read_checkpoint(path):

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.albef_base import ALBEFBase, load_bert_config
+from models.albef_base import ALBEFBase, finite_sampling_weights, load_bert_config
 from models.model_nlvr import build_two_image_text_encoder
 
 # NOTE(faithful): the pair sampling uses this constant, not the (unused) `temp` parameter.
@@ -48,7 +48,7 @@ class ALBEF(ALBEFBase):
         original pairs.
         """
         img0, img1, labels = [], [], []
-        for b, w in enumerate(weights):
+        for b, w in enumerate(finite_sampling_weights(weights)):
             if torch.rand(1) > 1 / 3:
                 other = torch.multinomial(w, 1).item()
                 if torch.rand(1) > 0.5:

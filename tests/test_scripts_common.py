@@ -205,6 +205,8 @@ def test_checkpoint_starts_and_resume_continues_in_every_script(data, name, tmp_
     assert resumes == [None] and len(loads) == int(ALL[name].from_pretrained)
     written = engine.checkpoints(first)
     assert written, 'the epoch left a checkpoint'
+    for path in [*written, *first.glob('checkpoint_best.pth')]:  # plain data: no unpickling
+        assert torch.load(path, weights_only=True)['model']
 
     # --checkpoint is weights only: a new run from the first one's checkpoint trains epoch 0 again
     loads.clear()
@@ -333,3 +335,29 @@ def test_partial_checkpoint_writes_of_a_killed_process_are_removed(data, tmp_pat
         ALL['ve'].module.main(argv(data, 've', out, '--resume'))
     assert not partial.exists() and 'unfinished write of a killed process' in caplog.text
     assert engine.checkpoints(out)
+
+
+@pytest.mark.parametrize('name', ['pretrain', 'retrieval', 'grounding', 'pretrain_nlvr'])
+def test_a_diverged_step_reaches_the_skip_policy_on_the_fast_path(data, name, tmp_path, monkeypatch):
+    """NaN similarities make the hard-negative weights NaN: the step's loss is skipped by
+    skip_nonfinite_steps instead of torch.multinomial raising inside the model."""
+    module = ALL[name].module
+    make_train_step = module.make_train_step
+
+    def diverging_at_step_1(*args, **kwargs):
+        train_step, calls = make_train_step(*args, **kwargs), []
+
+        def step(model, batch, alpha):
+            calls.append(1)
+            if len(calls) == 2:
+                batch = [torch.full_like(x, float('nan')) if torch.is_tensor(x) and x.is_floating_point()
+                         else x for x in batch]
+            return train_step(model, batch, alpha)
+        return step
+    monkeypatch.setattr(module, 'make_train_step', diverging_at_step_1)
+    out = tmp_path / 'out'
+    module.main(argv(data, name, out, '--opts', 'skip_nonfinite_steps=1'))
+    checkpoint = torch.load(engine.checkpoints(out)[0], weights_only=True)
+    assert checkpoint['resume']['skipped_nonfinite_steps'] == 1
+    # the skipped step left nothing non-finite behind (weights, momentum encoders, queues)
+    assert all(torch.isfinite(v).all() for v in checkpoint['model'].values() if v.is_floating_point())
