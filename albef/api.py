@@ -17,6 +17,7 @@ What each kind supports:
 """
 import functools
 import json
+import operator
 import os
 import re
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset.images import load_image
+from dataset.images import decode_errors, load_image, sixteen_to_eight_bits, to_rgb
 from dataset.nlvr_dataset import LABELS as NLVR_LABELS
 from dataset.transforms import create_transform
 from dataset.utils import pre_caption, pre_question
@@ -103,6 +104,53 @@ def _resolve(path):
     return path
 
 
+def check_device(device):
+    """`device` as a torch.device, or a ValueError saying why this machine cannot use it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f'device {device!r}: not a torch device ({error})') from error
+    if device.type == 'cuda':
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device '{device}': CUDA is not available here (torch "
+                             f"{torch.__version__} sees no GPU); use device 'cpu'")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device '{device}': this machine has {count} GPU(s), "
+                             f"cuda:0..cuda:{count - 1}")
+    elif device.type == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f"device '{device}': MPS is not available here; use device 'cpu'")
+    return device
+
+
+def positive_count(name, value):
+    """`value` as an int >= 1 (k, k_test, batch sizes), else a ValueError naming it."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise ValueError(f'{name} must be a positive integer, got {value!r}')
+    return number
+
+
+def image_from_array(array):
+    """An RGB PIL image from a uint8 or uint16 array (H, W) or (H, W, 1|3|4), converted by the
+    rule that reads image files (dataset.images.to_rgb): 16-bit values are scaled, not clipped."""
+    shape_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))
+    if array.dtype.kind != 'u' or array.dtype.itemsize not in (1, 2) or not shape_ok:
+        raise TypeError(f'image arrays must be uint8 or uint16 (H, W) or (H, W, 1|3|4), got '
+                        f'{array.dtype} {array.shape} (scale other types to uint8 0..255 first)')
+    if array.size == 0:
+        raise ValueError(f'the image array is empty: shape {array.shape}')
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder('='))  # any byte order
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.dtype == np.uint16 and array.ndim == 3:
+        array = sixteen_to_eight_bits(array)  # PIL has no 16-bit colour mode to go through
+    return to_rgb(Image.fromarray(array))
+
+
 def build_model(kind, config, tokenizer, state_dict):
     """The task's ALBEF for `config`, random weights, sized to fit `state_dict`.
 
@@ -147,6 +195,7 @@ class ALBEFInference:
 
     def __init__(self, model, kind, config, tokenizer, device='cpu', source='the model',
                  batch_size=32, precision='fp32'):
+        device = check_device(device)
         self.model = model.to(device).eval()
         self.kind, self.config, self.tokenizer = kind, config, tokenizer
         self.device, self.source, self.batch_size = torch.device(device), source, batch_size
@@ -158,6 +207,8 @@ class ALBEFInference:
         """config: the YAML path or dict the checkpoint was trained with (default: the one stored
         in the file); tokenizer: a BertTokenizer, a hub name or a folder (default: the config's);
         device: default cuda if available; precision: 'fp32', 'bf16' or 'fp16' autocast."""
+        if device is not None:
+            check_device(device)  # before the checkpoint is read
         checkpoint = read_checkpoint(path)
         state_dict = state_dict_of(checkpoint, str(path))
         if config is None:
@@ -180,21 +231,28 @@ class ALBEFInference:
 
     @staticmethod
     def to_pil(image):
-        if isinstance(image, Image.Image):
-            return image if image.mode == 'RGB' else image.convert('RGB')
-        if isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or image.ndim not in (2, 3):
-                raise TypeError(f'image arrays must be uint8 (H, W) or (H, W, C), got '
-                                f'{image.dtype} {image.shape}')
-            return Image.fromarray(image).convert('RGB')
+        """An RGB PIL image from a path (dataset.images.load_image), a PIL image of any mode or a
+        uint8 / uint16 array, all converted by the same rule as image files."""
         if isinstance(image, (str, os.PathLike)):
             return load_image(image)
-        raise TypeError(f'an image is a path, a PIL image or a uint8 array, not '
+        if isinstance(image, Image.Image):
+            name = (f'given as a PIL image ({image.format or "in memory"} {image.width} x '
+                    f'{image.height}, mode {image.mode})')
+            with decode_errors(name):  # a lazily opened file is decoded here: damage shows here
+                image.load()
+                return to_rgb(image)
+        if isinstance(image, np.ndarray):
+            return image_from_array(image)
+        raise TypeError(f'an image is a path, a PIL image or a uint8 / uint16 array, not '
                         f'{type(image).__name__}')
 
     def preprocess_images(self, images):
         """The test transform (square bicubic resize to image_res, CLIP normalisation):
-        (B, 3, R, R) on the model's device."""
+        (B, 3, R, R) on the model's device; B = 0 for no images."""
+        images = list(images)
+        if not images:
+            res = self.config['image_res']
+            return torch.empty(0, 3, res, res, device=self.device)
         return torch.stack([self.transform(self.to_pil(image)) for image in images]).to(self.device)
 
     def tokenize(self, texts, question=False):
@@ -215,6 +273,14 @@ class ALBEFInference:
     def _itc_itm(self, method):
         self._require(method, ITC_ITM_KINDS, 'the ITC projections and the ITM head')
         return self.model
+
+    def _no_features(self):
+        """The (0, E) result of embedding nothing."""
+        return torch.empty(0, self.model.vision_proj.out_features)
+
+    @staticmethod
+    def _check_k(k, k_test):
+        return positive_count('k', k), None if k_test is None else positive_count('k_test', k_test)
 
     @staticmethod
     def _batches(items, size):
@@ -239,7 +305,7 @@ class ALBEFInference:
         model = self._itc_itm('image_embeddings')
         feats = [model.image_features(model.encode_image(self.preprocess_images(batch)))
                  for batch in self._batches(self._images(images), self.batch_size)]
-        return torch.cat(feats).float().cpu()
+        return torch.cat(feats).float().cpu() if feats else self._no_features()
 
     @_at_precision
     @torch.no_grad()
@@ -250,7 +316,7 @@ class ALBEFInference:
         for batch in self._batches(self._texts(texts), self.batch_size):
             text = self.tokenize(batch)
             feats.append(model.text_features(model.encode_text(text.input_ids, text.attention_mask)))
-        return torch.cat(feats).float().cpu()
+        return torch.cat(feats).float().cpu() if feats else self._no_features()
 
     @torch.no_grad()
     def _itm(self, image_embeds, texts):
@@ -269,12 +335,14 @@ class ALBEFInference:
         """ITM match probability (P,) of each (image, text) pair (raw match logit if `logits`).
 
         `images` and `texts` have the same length, or one of them is a single item paired with
-        every item of the other."""
+        every item of the other (an empty list: no pairs, an empty result)."""
         self._itc_itm('itm_scores')
         images, texts = self._images(images), self._texts(texts)
         if len(images) != len(texts) and 1 not in (len(images), len(texts)):
             raise ValueError(f'{len(images)} images and {len(texts)} texts: give equal numbers, '
                              'or one image or one text')
+        if not images or not texts:
+            return torch.empty(0)
         pairs = max(len(images), len(texts))
         scores = []
         for start in range(0, pairs, self.batch_size):
@@ -296,7 +364,9 @@ class ALBEFInference:
 
     def _rank(self, sims, rescore, k, k_test, gallery):
         """Top `k_test` by ITC cosine, re-ranked by the raw ITM match logit (as retrieval
-        evaluation does); the best `k` as dicts."""
+        evaluation does); the best `k` as dicts (none from an empty gallery)."""
+        if len(sims) == 0:
+            return []
         k_test = min(k_test or self.config.get('k_test', 128), len(sims))
         candidates = sims.topk(k_test).indices.tolist()
         logits = rescore(candidates)  # (k_test, 2)
@@ -313,6 +383,7 @@ class ALBEFInference:
         [{'index', 'item', 'itm', 'itm_logit', 'itc'}, ...], best first. k_test: the ITC
         shortlist re-ranked by ITM (default: the config's k_test, else 128)."""
         model = self._itc_itm('retrieve_texts')
+        k, k_test = self._check_k(k, k_test)
         gallery = texts if isinstance(texts, Gallery) else self.encode_texts(texts)
         image_embeds = model.encode_image(self.preprocess_images([image]))  # (1, N, Dv)
         sims = gallery.features @ model.image_features(image_embeds)[0].float().cpu()  # (T,)
@@ -329,6 +400,7 @@ class ALBEFInference:
         as retrieve_texts. Only the shortlisted images go through the ViT a second time, so a
         gallery never holds more than `batch_size` images' token states."""
         model = self._itc_itm('retrieve_images')
+        k, k_test = self._check_k(k, k_test)
         gallery = images if isinstance(images, Gallery) else self.encode_images(images)
         sims = gallery.features @ self.text_embeddings([text])[0]  # (I,)
 
@@ -360,7 +432,16 @@ class ALBEFInference:
         k_test answers with the likeliest first token are re-ranked by their full likelihood;
         scores are a softmax over that shortlist."""
         self._require('answer', ('vqa',), 'the answer decoder')
-        candidates = list(candidates) if candidates is not None else self.answer_list()
+        k, k_test = self._check_k(k, k_test)
+        if candidates is None:
+            candidates = self.answer_list()
+        candidates = [candidates] if isinstance(candidates, str) else list(candidates)
+        if not candidates:
+            raise ValueError('answer needs at least one candidate answer')
+        wrong = next((c for c in candidates if not isinstance(c, str)), None)
+        if wrong is not None:
+            raise TypeError(f'candidate answers are strings, got {wrong!r} '
+                            f'({type(wrong).__name__})')
         eos = self.config.get('eos', '[SEP]')
         answers = self.tokenizer([c + eos for c in candidates], padding='longest',
                                  return_tensors='pt').to(self.device)
@@ -378,7 +459,7 @@ class ALBEFInference:
         statement -> {'True', 'False'} probabilities."""
         self._require('classify', ('ve', 'nlvr'), 'a classification head')
         pair = self.kind == 'nlvr'
-        if pair and len(images) != 2:
+        if pair and (not isinstance(images, (list, tuple)) or len(images) != 2):
             raise ValueError('an NLVR2 checkpoint classifies a pair of images: pass (left, right)')
         pixels = self.preprocess_images(list(images) if pair else [images])  # (1 or 2, 3, R, R)
         probs = self.model(pixels, self.tokenize([text]), None, train=False).softmax(dim=1)[0]
@@ -399,8 +480,12 @@ class ALBEFInference:
         if not bert.fusion_layer <= block_num < bert.num_hidden_layers:
             raise ValueError(f'block_num {block_num}: the fusion layers with cross-attention are '
                              f'{bert.fusion_layer}..{bert.num_hidden_layers - 1}')
+        if not isinstance(text, str):
+            raise TypeError(f'gradcam localises one text (a string), not {type(text).__name__}')
         picture = self.to_pil(image)
         text_input = self.tokenize([text])
+        if text_input.input_ids.shape[1] < 2:  # [CLS] alone: no word piece to give a map
+            raise ValueError(f'gradcam needs a text with at least one word, got {text!r}')
         token_maps, average = heatmaps(model, self.preprocess_images([picture]), text_input.input_ids,
                                        text_input.attention_mask, block_num,
                                        size=(picture.height, picture.width))

@@ -7,8 +7,8 @@
     albef gradcam      --checkpoint C --image I --text "the dog" --out overlays/
 
 A released checkpoint (no stored config) needs --config, the YAML it was trained with. Errors
-(a wrong file, kind or config) print one line and exit with status 2; --debug (or ALBEF_DEBUG=1)
-shows the full traceback instead.
+(a wrong file, kind, config, device, image or argument) print one line and exit with status 2;
+--debug (or ALBEF_DEBUG=1) shows the full traceback instead.
 """
 import argparse
 import json
@@ -23,43 +23,83 @@ from albef.api import ALBEFInference
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
 
 
+def positive_int(text):
+    """argparse type of counts (--k, --batch_size)."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, got {text}')
+    return number
+
+
 def image_files(folder):
     """Every image file under `folder` (recursively), sorted."""
+    if not Path(folder).is_dir():
+        raise ValueError(f'--images {folder}: not a folder')
     paths = sorted(str(p) for p in Path(folder).rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        raise SystemExit(f'no images ({", ".join(sorted(IMAGE_SUFFIXES))}) under {folder}')
+        raise ValueError(f'no images ({", ".join(sorted(IMAGE_SUFFIXES))}) under {folder}')
     return paths
+
+
+def check_out(out):
+    if Path(out).suffix not in ('.pt', '.npy'):
+        raise ValueError(f'--out must end in .pt or .npy, got {out}')
+
+
+def read_texts(args):
+    texts = list(args.texts or [])
+    if args.file:
+        texts += [line.strip() for line in Path(args.file).read_text().splitlines() if line.strip()]
+    if not texts:
+        raise ValueError('embed-texts needs --texts or --file (with at least one non-empty line)')
+    return texts
+
+
+def read_answers(value):
+    """--answers: a JSON file holding a list of candidate answers, or such a list inline."""
+    if value is None:
+        return None
+    in_file = Path(value).is_file()
+    if not in_file and not value.lstrip().startswith('['):
+        raise ValueError(f'--answers {value}: no such file (give a JSON file or an inline JSON '
+                         'list such as \'["yes", "no"]\')')
+    name = f'--answers {value}' if in_file else '--answers'
+    try:
+        answers = json.loads(Path(value).read_text() if in_file else value)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f'{name}: not JSON ({error})') from None
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f'{name}: must be a JSON list of strings, got {str(answers)[:80]}')
+    if not answers:
+        raise ValueError(f'{name}: answer needs at least one candidate answer, got []')
+    return answers
 
 
 def save_features(out, name, items, features):
     """`.pt`: {name: items, 'features': (N, E) tensor}; `.npy`: the (N, E) array, with the
     items as a JSON list beside it (<stem>.<name>.json)."""
     out = Path(out)
+    check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == '.pt':
         torch.save({name: list(items), 'features': features}, out)
-    elif out.suffix == '.npy':
+    else:
         np.save(out, features.numpy())
         out.with_suffix(f'.{name}.json').write_text(json.dumps(list(items)))
-    else:
-        raise SystemExit(f'--out must end in .pt or .npy, got {out}')
     print(f'{len(items)} {name} x {features.shape[1]} features -> {out}')
 
 
 def embed_images(albef, args):
-    paths = image_files(args.images)
-    save_features(args.out, 'paths', paths, albef.image_embeddings(paths))
-    return paths
+    save_features(args.out, 'paths', args.inputs, albef.image_embeddings(args.inputs))
+    return args.inputs
 
 
 def embed_texts(albef, args):
-    texts = list(args.texts or [])
-    if args.file:
-        texts += [line.strip() for line in Path(args.file).read_text().splitlines() if line.strip()]
-    if not texts:
-        raise SystemExit('embed-texts needs --texts or --file')
-    save_features(args.out, 'texts', texts, albef.text_embeddings(texts))
-    return texts
+    save_features(args.out, 'texts', args.inputs, albef.text_embeddings(args.inputs))
+    return args.inputs
 
 
 def score(albef, args):
@@ -74,8 +114,7 @@ def score(albef, args):
 
 
 def answer(albef, args):
-    candidates = json.loads(Path(args.answers).read_text()) if args.answers else None
-    answers = albef.answer(args.image, args.question, candidates, k=args.k)
+    answers = albef.answer(args.image, args.question, args.inputs, k=args.k)
     for row in answers:
         print(f'{row["score"]:7.4f}  {row["answer"]}')
     return answers
@@ -91,6 +130,20 @@ COMMANDS = {'embed-images': embed_images, 'embed-texts': embed_texts, 'score': s
             'answer': answer, 'gradcam': gradcam}
 
 
+def read_inputs(args):
+    """The command's own inputs, checked before the checkpoint is loaded (a mistake costs no
+    model loading): the image paths, the texts or the candidate answers (None: none needed)."""
+    if args.command in ('embed-images', 'embed-texts'):
+        check_out(args.out)
+    if args.command == 'embed-images':
+        return image_files(args.images)
+    if args.command == 'embed-texts':
+        return read_texts(args)
+    if args.command == 'answer':
+        return read_answers(args.answers)
+    return None
+
+
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument('--checkpoint', required=True,
@@ -99,7 +152,7 @@ def build_parser():
                         help='its training YAML (required when the file stores no config)')
     common.add_argument('--device', default=None,
                         help='torch device (default: cuda if available, else cpu)')
-    common.add_argument('--batch_size', type=int, default=32,
+    common.add_argument('--batch_size', type=positive_int, default=32,
                         help='images or texts encoded per forward pass')
     common.add_argument('--precision', default='fp32', choices=('fp32', 'bf16', 'fp16'),
                         help='autocast dtype of the model (bf16 / fp16 on a GPU)')
@@ -123,9 +176,9 @@ def build_parser():
     p = add('answer', 'answer a question about an image (VQA checkpoint)')
     p.add_argument('--image', required=True, help='an image file')
     p.add_argument('--question', required=True, help='the question')
-    p.add_argument('--answers', help="a JSON list of candidate answers (default: the config's "
-                                     'answer_list)')
-    p.add_argument('--k', type=int, default=5, help='how many answers to print, best first')
+    p.add_argument('--answers', help='a JSON file with a list of candidate answers, or the list '
+                                     "itself (default: the config's answer_list)")
+    p.add_argument('--k', type=positive_int, default=5, help='how many answers to print, best first')
     p = add('gradcam', 'Grad-CAM overlays, one PNG per word piece and their average')
     p.add_argument('--image', required=True, help='an image file')
     p.add_argument('--text', required=True, help='the phrase to localise')
@@ -137,6 +190,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.inputs = read_inputs(args)
     albef = ALBEFInference.from_checkpoint(args.checkpoint, config=args.config, device=args.device,
                                            precision=args.precision)
     albef.batch_size = args.batch_size
@@ -144,7 +198,7 @@ def main(argv=None):
 
 
 def run(argv=None):
-    """The `albef` console script: main(), with a wrong file, kind or config reported as one
-    line `error: ...` on stderr and exit status 2 (the full traceback with --debug or
-    ALBEF_DEBUG=1), as the task scripts."""
+    """The `albef` console script: main(), with a wrong file, kind, config, device, image or
+    argument reported as one line `error: ...` on stderr and exit status 2 (the full traceback
+    with --debug or ALBEF_DEBUG=1), as the task scripts."""
     return utils.run(main, argv)

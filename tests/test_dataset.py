@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from dataset import create_dataset, create_loader, create_sampler
 from dataset import randaugment as ra
@@ -85,12 +85,17 @@ def test_load_image_16_bit_is_rescaled_not_clipped(tmp_path):
     assert (out[..., 0] == out[..., 2]).all()
 
 
-def test_load_image_truncated_jpeg_is_tolerated(tmp_path):
+def test_load_image_truncated_jpeg_is_an_error_unless_the_process_tolerates_it(tmp_path,
+                                                                             monkeypatch):
     buffer = io.BytesIO()
     noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(noise).save(buffer, format='JPEG')
     path = tmp_path / 'cut.jpg'
     path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])  # cut inside the scan data
+    with pytest.raises(ImageLoadError, match='cut.jpg.*truncated'):
+        load_image(str(path))
+    # the original's setting, if a process chooses it: decoded as far as the bytes go
+    monkeypatch.setattr(ImageFile, 'LOAD_TRUNCATED_IMAGES', True)
     out = np.asarray(load_image(str(path)))
     complete = np.asarray(Image.open(buffer).convert('RGB'))
     assert out.shape == (64, 64, 3)
