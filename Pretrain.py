@@ -17,7 +17,7 @@ import logging
 
 import engine
 import utils
-from dataset import create_dataset, skipped_samples
+from dataset import create_dataset
 from models.model_pretrain import ALBEF
 from models.tokenization_bert import BertTokenizer
 
@@ -54,9 +54,7 @@ def main(argv=None):
     train_stats = {}
     for epoch in run.epochs():
         train_stats = run.train_epoch(epoch, train_step)
-        run.log(epoch, train_stats,
-                skipped_samples=int(utils.all_reduce_sum(skipped_samples(dataset))),
-                skipped_nonfinite_steps=run.skipped_steps)
+        run.log(epoch, train_stats)
         run.end_epoch(epoch)  # checkpoint_NN.pth
     run.finish()
     return train_stats

@@ -36,6 +36,7 @@ import torch
 from timm.models.vision_transformer import Block
 
 import utils
+from dataset.faults import skipped_samples
 from dataset.loaders import eval_loader, train_loader
 from models.checkpoint import CheckpointError, load_checkpoint, load_weights, read_checkpoint
 from models.xbert import BertLayer
@@ -392,6 +393,7 @@ class Run:
         self._resume_at = (0, 0)  # (epoch, steps done in it) where training starts
         self._rng = None          # this rank's RNG state to restore when training starts
         self._train_stats = {}    # the averages of an epoch trained before the resumed checkpoint
+        self._skipped_samples_logged = 0  # bad samples skipped by this process's loaders, logged
         exit_after = os.environ.get(EXIT_AFTER_STEPS_ENV)
         self._exit_after = int(exit_after) if exit_after else None
 
@@ -559,10 +561,17 @@ class Run:
                                      print_freq=self.config['print_freq'])
 
     def log(self, epoch, train_stats, **metrics):
-        """One JSON line in log.txt: train_<loss> averages, the metrics, the epoch."""
-        if train_stats or metrics:
-            utils.append_log(self.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
-                                               **metrics, 'epoch': epoch})
+        """One JSON line in log.txt: train_<loss> averages, the metrics, the epoch; after
+        training, also the samples the data skipped in it (on_bad_sample: skip, all ranks) and
+        the non-finite steps skipped so far. Every rank calls it."""
+        entry = {f'train_{k}': v for k, v in train_stats.items()}
+        if train_stats:
+            total = int(utils.all_reduce_sum(skipped_samples(self.loader.dataset)))
+            entry.update(skipped_samples=total - self._skipped_samples_logged,
+                         skipped_nonfinite_steps=self.skipped_steps)
+            self._skipped_samples_logged = total
+        if entry or metrics:
+            utils.append_log(self.output_dir, {**entry, **metrics, 'epoch': epoch})
 
     def end_epoch(self, epoch, metric=None, best_file=None):
         """After everything the script does for `epoch` (every rank calls this: the RNG states
