@@ -287,10 +287,10 @@ def test_a_cached_hub_name_loads_from_the_cache_alone(offline, data, tmp_path):
 
 
 def test_a_script_with_a_misspelt_tokenizer_stops_with_one_line(offline, data, tmp_path, capsys):
-    config = config_for(data, 'VE.yaml', tokenizer='bert-base-uncase')
+    config = tiny_config('VE.yaml', data, tmp_path / 'VE.yaml', tokenizer='bert-base-uncase')
     with pytest.raises(SystemExit) as stop:
-        utils.run(VE.main, ['--config', str(data / 'VE.yaml'), '--output_dir', str(tmp_path),
-                            '--device', 'cpu'])
+        utils.run(VE.main, ['--config', str(tmp_path / 'VE.yaml'), '--output_dir',
+                            str(tmp_path / 'out'), '--device', 'cpu'])
     assert stop.value.code == 2 and config['tokenizer'] == 'bert-base-uncase'
     assert "tokenizer 'bert-base-uncase' not found" in capsys.readouterr().err
 
