@@ -43,10 +43,11 @@ def _hub_vocabulary(name, kwargs):
     from huggingface_hub.errors import HFValidationError
     where = dict(cache_dir=kwargs.get('cache_dir'), revision=kwargs.get('revision'))
     try:
-        cached = huggingface_hub.try_to_load_from_cache(name, 'vocab.txt', **where)
+        cached = [huggingface_hub.try_to_load_from_cache(name, file, **where)
+                  for file in VOCABULARY_FILES]
     except HFValidationError:
         return 'not a folder and not a Hugging Face model name'
-    if isinstance(cached, str):
+    if any(isinstance(path, str) for path in cached):
         # A cached vocabulary never waits on the network (retries of an unreachable hub took
         # minutes per file); the files a previous load cached are all the tokenizer reads.
         kwargs['local_files_only'] = True
