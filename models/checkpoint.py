@@ -74,13 +74,12 @@ def read_checkpoint(path):
     except FileNotFoundError as e:
         raise CheckpointError(f'checkpoint {str(path)!r} does not exist') from e
     except pickle.UnpicklingError as e:
-        if 'Weights only load failed' in str(e) and not trusted:
-            found = re.search(r'[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)', str(e))
-            what = f' (it names {found.group(1)})' if found else ''
+        found = re.search(r'[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)', str(e))
+        if found and not trusted:
             raise CheckpointError(
-                f'checkpoint {str(path)!r} holds Python objects beyond tensors and plain '
-                f'data{what}: loading it could run code the file chooses. Only if you trust its '
-                f'source, set {TRUST_PICKLE_ENV}=1') from e
+                f'checkpoint {str(path)!r} holds Python objects beyond tensors and plain data '
+                f'(it names {found.group(1)}): loading it could run code the file chooses. Only '
+                f'if you trust its source, set {TRUST_PICKLE_ENV}=1') from e
         raise CheckpointError(f'checkpoint {str(path)!r} is unreadable (truncated or not a '
                               f'torch checkpoint): {type(e).__name__}: {e}') from e
     except Exception as e:
