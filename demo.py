@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 
@@ -55,7 +56,6 @@ def stage_data(ctx):
             return {'reused': DATA}
     # Absent, unreadable, or another seed / size / version: write it (again); weights made from
     # other data (data/synthetic/init) are stale.
-    import shutil
     shutil.rmtree(os.path.join(DATA, 'init'), ignore_errors=True)
     generate(DATA, **DATA_SPEC)
     return {}
@@ -84,7 +84,7 @@ def stage_init(ctx):
 
 def stage_pretrain(ctx):
     import Pretrain
-    stats = Pretrain.main(ctx.args('Pretrain.yaml', 'pretrain'))
+    stats = Pretrain.main(ctx.args('Pretrain.yaml', 'pretrain', resume=True))
     return {'train': stats, 'checkpoint': ctx.pretrained()}
 
 
@@ -186,10 +186,15 @@ class Context:
     def out(self, stage):
         return os.path.join(self.output_dir, stage)
 
-    def args(self, config, stage, *extra):
-        # --resume: a stage killed part-way continues where it stopped when the demo is rerun
+    def args(self, config, stage, *extra, resume=False):
+        """The command line of a stage. A stage that did not finish before (the demo was
+        killed) continues with `resume`, else starts again in an emptied folder (a script
+        refuses a folder holding an earlier run)."""
+        if not resume:
+            shutil.rmtree(self.out(stage), ignore_errors=True)
         return ['--config', os.path.join(CONFIGS, config), '--output_dir', self.out(stage),
-                '--device', self.device, '--seed', str(self.seed), '--resume', *extra]
+                '--device', self.device, '--seed', str(self.seed),
+                *(['--resume'] if resume else []), *extra]
 
     def pretrained(self, stage='pretrain'):
         """A pre-training stage's last epoch-end checkpoint (step checkpoints are for resuming)."""
@@ -318,7 +323,6 @@ def forget_stale_stages(ctx, done_dir, fingerprint):
     markers = [name for name, _, _ in STAGES
                if os.path.isfile(os.path.join(done_dir, f'{name}.json'))]
     if previous != fingerprint and (markers or previous is not None):
-        import shutil
         print(f'[demo] the data spec or {CONFIGS} changed since the stages in {done_dir} ran: '
               f'running them again', flush=True)
         for name, _, _ in STAGES:

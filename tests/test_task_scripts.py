@@ -74,8 +74,8 @@ def test_text_assignment_then_nlvr(setup, tmp_path):
     stats = run(Pretrain_nlvr, data / 'ta.yaml', ta_out, pretrained)
     assert set(stats) == {'lr', 'loss'}
     log = read_log(ta_out)
-    assert [entry['epoch'] for entry in log] == [0] and set(log[0]) == {'train_lr', 'train_loss',
-                                                                        'epoch'}
+    assert [entry['epoch'] for entry in log] == [0] and set(log[0]) == {
+        'train_lr', 'train_loss', 'skipped_samples', 'skipped_nonfinite_steps', 'epoch'}
     assert (ta_out / 'checkpoint_00.pth').is_file()
 
     out = tmp_path / 'nlvr'
