@@ -22,9 +22,12 @@ def load_bert_config(config):
 
 
 def fit_tokenizer(tokenizer, bert_config):
-    """Make `tokenizer` (models.tokenization_bert.BertTokenizer) truncate every text to the
-    position table of a BERT of `bert_config`: longer input would crash the text encoder."""
-    tokenizer.model_max_length = bert_config.max_position_embeddings
+    """Make `tokenizer` (models.tokenization_bert.BertTokenizer; None: nothing to do) truncate
+    every text to the position table of a BERT of `bert_config`: longer input would crash the
+    text encoder. The models call it on the tokenizer given to their constructor (the
+    caller's own object: the scripts' and albef.api's)."""
+    if tokenizer is not None:
+        tokenizer.model_max_length = bert_config.max_position_embeddings
     return tokenizer
 
 
@@ -119,15 +122,6 @@ class ALBEFBase(nn.Module):
     model_pairs: list
     fast_train = False
     momentum_updates = True
-
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        # The tokenizer given to the constructor (the caller's own object: scripts, albef.api)
-        # learns the text encoder's position table, whichever of the two is assigned last.
-        if name in ('tokenizer', 'text_encoder'):
-            tokenizer, encoder = self.__dict__.get('tokenizer'), self._modules.get('text_encoder')
-            if tokenizer is not None and encoder is not None:
-                fit_tokenizer(tokenizer, encoder.config)
 
     @staticmethod
     def build_visual_encoder(config):

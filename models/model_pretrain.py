@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.albef_base import (ALBEFBase, build_text_model, hard_negative_batch, itc_loss,
-                               load_bert_config, mask_tokens, sample_negatives,
+from models.albef_base import (ALBEFBase, build_text_model, fit_tokenizer, hard_negative_batch,
+                               itc_loss, load_bert_config, mask_tokens, sample_negatives,
                                sample_negatives_batched)
 from models.pretrained import load_deit_weights
 from models.xbert import BertForMaskedLM, masked_lm_loss
@@ -27,6 +27,7 @@ class ALBEF(ALBEFBase):
             load_deit_weights(self.visual_encoder, init_deit)
         vision_width = self.visual_encoder.embed_dim
         bert_config = load_bert_config(config)
+        fit_tokenizer(tokenizer, bert_config)
         self.text_encoder = build_text_model(BertForMaskedLM, bert_config, text_encoder)
         text_width = self.text_encoder.config.hidden_size
         self.vision_proj = nn.Linear(vision_width, embed_dim)

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.albef_base import ALBEFBase, finite_sampling_weights, load_bert_config
+from models.albef_base import (ALBEFBase, finite_sampling_weights, fit_tokenizer,
+                               load_bert_config)
 from models.model_nlvr import build_two_image_text_encoder
 
 # NOTE(faithful): the pair sampling uses this constant, not the (unused) `temp` parameter.
@@ -22,6 +23,7 @@ class ALBEF(ALBEFBase):
         self.tokenizer = tokenizer
         self.visual_encoder = self.build_visual_encoder(config)
         bert_config = load_bert_config(config)
+        fit_tokenizer(tokenizer, bert_config)
         self.text_encoder = build_two_image_text_encoder(bert_config, text_encoder)
         vision_width = self.visual_encoder.embed_dim
         text_width = self.text_encoder.config.hidden_size

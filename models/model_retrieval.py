@@ -6,8 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.albef_base import (ALBEFBase, build_text_model, hard_negative_batch, itc_loss,
-                               load_bert_config, sample_negatives, sample_negatives_batched)
+from models.albef_base import (ALBEFBase, build_text_model, fit_tokenizer, hard_negative_batch,
+                               itc_loss, load_bert_config, sample_negatives,
+                               sample_negatives_batched)
 from models.xbert import BertModel
 
 
@@ -35,6 +36,7 @@ class ALBEF(ALBEFBase):
         self.visual_encoder = self.build_visual_encoder(config)
         vision_width = self.visual_encoder.embed_dim
         bert_config = load_bert_config(config)
+        fit_tokenizer(tokenizer, bert_config)
         self.text_encoder = build_text_model(BertModel, bert_config, text_encoder,
                                              add_pooling_layer=False)
         text_width = self.text_encoder.config.hidden_size

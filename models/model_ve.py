@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.albef_base import ALBEFBase, build_text_model, load_bert_config
+from models.albef_base import ALBEFBase, build_text_model, fit_tokenizer, load_bert_config
 from models.xbert import BertModel
 
 
@@ -39,6 +39,7 @@ class ALBEF(ALBEFBase):
         # NOTE(faithful): the original hard-codes 0.995 for the fine-tuning tasks.
         self.momentum = config.get('momentum', 0.995)
         bert_config = load_bert_config(config)
+        fit_tokenizer(tokenizer, bert_config)
 
         self.visual_encoder = self.build_visual_encoder(config)
         self.text_encoder = self.build_text_encoder(bert_config, text_encoder)

@@ -9,7 +9,7 @@ first token, then re-scored by the full answer likelihood.
 import torch
 import torch.nn.functional as F
 
-from models.albef_base import ALBEFBase, build_text_model, load_bert_config
+from models.albef_base import ALBEFBase, build_text_model, fit_tokenizer, load_bert_config
 from models.xbert import BertLMHeadModel, BertModel
 
 
@@ -31,6 +31,7 @@ class ALBEF(ALBEFBase):
         self.momentum = config.get('momentum', 0.995)
         self.fast_train = config.get('fast_train', True)
         bert_config = load_bert_config(config)
+        fit_tokenizer(tokenizer, bert_config)
         config_decoder = decoder_config(bert_config)
 
         self.visual_encoder = self.build_visual_encoder(config)
