@@ -6,7 +6,7 @@ every step: the shorter side becomes --size (bicubic, aspect ratio kept, never u
 
 The relative tree and the file names are kept, so the annotation JSONs stay valid with
 `image_root` (or `vqa_root`, `vg_root`) pointed at --dst. Images are read as the datasets read
-them (dataset/images.py: RGB, truncated files decoded as far as they go, EXIF orientation not
+them (dataset/images.py: RGB, truncated files refused and listed, EXIF orientation not
 applied) and written as RGB: JPEG at quality 95 for .jpg/.jpeg names, the format of the
 extension otherwise. An image whose shorter side is already <= --size and that is stored as RGB
 in the format of its extension is copied byte for byte (its pixels unchanged). Outputs are
@@ -25,7 +25,7 @@ import time
 
 from PIL import Image
 
-from dataset.images import load_image  # also sets PIL's truncated-image policy
+from dataset.images import load_image
 
 IMAGE_EXTENSIONS = {'.jpg': 'JPEG', '.jpeg': 'JPEG', '.jpe': 'JPEG', '.png': 'PNG',
                     '.bmp': 'BMP', '.gif': 'GIF', '.tif': 'TIFF', '.tiff': 'TIFF',
