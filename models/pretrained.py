@@ -20,6 +20,31 @@ class PretrainedWeightsError(RuntimeError):
     pass
 
 
+def rank_zero_first(fetch, then=None):
+    """`fetch()` on rank 0 while the other ranks of a distributed run wait, so that a file is
+    downloaded once; then `then()` (default `fetch`) on the others, which finds it cached. An error
+    on rank 0 is raised on every rank with its message, instead of leaving them waiting.
+    Outside a distributed run (or at world size 1) this is `fetch()`. The wait is one collective,
+    bounded by the process group's timeout (--dist_timeout)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return fetch()
+    result, outcome = None, [None]
+    if dist.get_rank() == 0:
+        try:
+            result = fetch()
+        except Exception as e:
+            outcome = [(type(e).__name__, str(e))]
+            dist.broadcast_object_list(outcome, src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    if dist.get_rank() == 0:
+        return result
+    if outcome[0] is not None:
+        raise PretrainedWeightsError(f'rank 0 failed ({outcome[0][0]}): {outcome[0][1]}')
+    return (then or fetch)()
+
+
 def _read_hf_bert_state_dict(name_or_path):
     """The state dict of a Hugging Face BERT checkpoint (hub name or local directory)."""
     from transformers import BertForMaskedLM as HFBertForMaskedLM
