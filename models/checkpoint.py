@@ -68,6 +68,8 @@ def read_checkpoint(path):
     is refused (unpickling runs code a malicious file chooses), unless ALBEF_TRUST_PICKLE=1.
     """
     trusted = os.environ.get(TRUST_PICKLE_ENV, '') == '1'
+    if trusted:
+        logger.warning('%s=1: %s is unpickled, which runs any code it holds', TRUST_PICKLE_ENV, path)
     try:
         with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=not trusted)
