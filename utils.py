@@ -13,6 +13,7 @@ import logging
 import numbers
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -157,7 +158,7 @@ KEYS = {
     # model
     'bert_config': PATH, 'text_encoder': MAYBE_NAME, 'text_decoder': MAYBE_NAME,
     'tokenizer': Key((str,), 'hub name or local folder'),
-    'init_deit': Key((bool, str), 'true/false or a URL / local file'),
+    'init_deit': Key((bool, str), 'true/false, a URL, a local file or a timm model name'),
     'image_res': POSITIVE_INT, 'patch_size': POSITIVE_INT, 'vision_width': POSITIVE_INT,
     'vit_depth': POSITIVE_INT, 'vit_heads': POSITIVE_INT, 'embed_dim': POSITIVE_INT,
     'temp': Key((float,), low=0.0), 'mlm_probability': PROBABILITY, 'queue_size': POSITIVE_INT,
@@ -463,7 +464,12 @@ def get_args_parser(doc, evaluate=True):
                         help='folder for log.txt, config.yaml, checkpoints and results')
     parser.add_argument('--checkpoint', default='',
                         help='weights to start from: a pre-training checkpoint to fine-tune, or '
-                             'with --evaluate the checkpoint to evaluate (never resumes a run)')
+                             'with --evaluate the checkpoint to evaluate (never resumes a run); '
+                             'a file, a released name (albef_14m, mscoco.pth, ...: '
+                             'docs/checkpoints.md) or an http(s) URL')
+    parser.add_argument('--cache_dir', default=None,
+                        help='download cache of --checkpoint names and URLs (default: '
+                             '$ALBEF_CACHE, else ~/.cache/albef; docs/checkpoints.md)')
     parser.add_argument('--resume', type=bool_or_path, nargs='?', const=True, default=False,
                         metavar='PATH',
                         help='continue the interrupted run in --output_dir from its newest '
@@ -544,10 +550,16 @@ def init_distributed_mode(args):
         args.rank = int(os.environ['RANK'])
         args.world_size = int(os.environ['WORLD_SIZE'])
         args.gpu = int(os.environ.get('LOCAL_RANK', 0))
-    elif 'SLURM_PROCID' in os.environ:
-        # As the original: rank from SLURM, world size from --world_size.
-        args.rank = int(os.environ['SLURM_PROCID'])
-        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+    elif 'SLURM_PROCID' in os.environ and _slurm_tasks() > 1:
+        # NOTE(fixed): the original took the rank from SLURM but the world size from
+        # --world_size and needed MASTER_ADDR set by hand (otherwise it stopped or hung).
+        args.rank, args.world_size = int(os.environ['SLURM_PROCID']), _slurm_tasks()
+        args.gpu = int(os.environ.get('SLURM_LOCALID', args.rank % max(torch.cuda.device_count(), 1)))
+        if args.dist_url == 'env://':
+            os.environ.setdefault('MASTER_ADDR', slurm_first_host(os.environ['SLURM_JOB_NODELIST']))
+            os.environ.setdefault('MASTER_PORT', str(slurm_port(os.environ.get('SLURM_JOB_ID', '0'))))
+            os.environ['RANK'], os.environ['WORLD_SIZE'] = str(args.rank), str(args.world_size)
+            os.environ['LOCAL_RANK'] = str(args.gpu)
     else:
         args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
         return
@@ -566,9 +578,40 @@ def init_distributed_mode(args):
     timeout = datetime.timedelta(minutes=getattr(args, 'dist_timeout', 30))
     logger.info('distributed init (rank %d of %d, %s): %s', args.rank, args.world_size,
                 args.dist_backend, args.dist_url)
-    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank, timeout=timeout, **kwargs)
-    barrier()
+    try:
+        dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
+                                world_size=args.world_size, rank=args.rank, timeout=timeout, **kwargs)
+        barrier()
+    except (RuntimeError, dist.DistError) as error:
+        where = (f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+                 if args.dist_url == 'env://' else args.dist_url)
+        raise RuntimeError(f'process {args.rank} of {args.world_size} could not join the others at '
+                           f'{where} within --dist_timeout {args.dist_timeout:g} min: {error}') from error
+
+
+def _slurm_tasks():
+    # SLURM_STEP_NUM_TASKS is the size of this srun step; SLURM_NTASKS that of the allocation
+    # (a batch script that runs `python` without srun is one task: SLURM_PROCID is 0).
+    return int(os.environ.get('SLURM_STEP_NUM_TASKS') or os.environ.get('SLURM_NTASKS') or 1)
+
+
+def slurm_first_host(nodelist):
+    """The first host name of a SLURM node list ('gpu[03-05,9],cpu1' -> 'gpu03'), parsed here
+    rather than with `scontrol show hostnames` (not installed on every compute node)."""
+    depth, end = 0, len(nodelist)
+    for i, char in enumerate(nodelist):  # the first entry: up to a comma outside brackets
+        depth += {'[': 1, ']': -1}.get(char, 0)
+        if char == ',' and depth == 0:
+            end = i
+            break
+    # every bracketed range list stands for its first value ('[03-05,9]' -> '03')
+    return re.sub(r'\[([^\]]*)\]', lambda m: re.split(r'[-,]', m.group(1))[0], nodelist[:end])
+
+
+def slurm_port(job_id):
+    """A port from the job id, so that jobs sharing a node do not collide: 20000..39999."""
+    digits = re.sub(r'\D', '', str(job_id)) or '0'
+    return 20000 + int(digits) % 20000
 
 
 # Phrases of gloo / NCCL / c10d errors raised when another rank died or stopped responding.
