@@ -5,8 +5,11 @@
     albef.itm_scores('dog.jpg', ['a dog on the grass', 'a plate of food'])
     albef.retrieve_texts('dog.jpg', captions, k=5)
 
-The checkpoint's kind is read from its keys (models.checkpoint.checkpoint_kind) and the matching
-`models.model_*.ALBEF` is built from the config stored in the checkpoint (the task scripts store
+    model, image_transform, tokenizer = albef.load_model('exports/retrieval')   # the bare model
+
+A checkpoint is a file, an export folder (albef.export) or a registry name (albef.hub). Its kind
+is read from its keys (models.checkpoint.checkpoint_kind) and the matching `models.model_*.ALBEF`
+is built from the config stored in the checkpoint (the task scripts store it, an export holds
 it; for a released file pass `config=` the YAML it was trained with). Loading is strict.
 
 What each kind supports:
@@ -26,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision import transforms
 
+from albef import hub
 from dataset.images import decode_errors, load_image, sixteen_to_eight_bits, to_rgb
 from dataset.nlvr_dataset import LABELS as NLVR_LABELS
 from dataset.transforms import create_transform
@@ -96,7 +101,7 @@ def overlay(image, heat, weight=0.5):
     return Image.fromarray(blended.astype(np.uint8))
 
 
-def _resolve(path):
+def resolve_repo_path(path):
     """A relative path from a stored config, tried from the working directory, then the repository."""
     if isinstance(path, str) and not os.path.isabs(path) and not os.path.exists(path) \
             and (ROOT / path).exists():
@@ -159,7 +164,7 @@ def build_model(kind, config, tokenizer, state_dict):
     """
     config = {'distill': False, 'momentum': 0.995, 'temp': 0.07, 'queue_size': 256,
               'mlm_probability': 0.15, **config}
-    config['bert_config'] = _resolve(config['bert_config'])
+    config['bert_config'] = resolve_repo_path(config['bert_config'])
     if 'image_queue' in state_dict:
         config['queue_size'] = state_dict['image_queue'].shape[1]
     if kind in ('vqa', 've', 'nlvr'):
@@ -169,15 +174,114 @@ def build_model(kind, config, tokenizer, state_dict):
     return MODELS[kind].ALBEF(config=config, text_encoder=None, tokenizer=tokenizer, **extra)
 
 
-def load_model(state_dict, config, tokenizer, source='the checkpoint'):
+def model_from_state_dict(state_dict, config, tokenizer, source='the checkpoint'):
     """(kind, model) with `state_dict` loaded strictly into the ALBEF of its kind."""
     kind = checkpoint_kind(state_dict)
     if kind not in MODELS:
         raise CheckpointError(f'{source}: not an ALBEF checkpoint of a known task (kinds: '
                               f'{sorted(MODELS)})')
     model = build_model(kind, config, tokenizer, state_dict)
-    load_weights(model, state_dict, kind)  # also the released online-only files (mscoco.pth)
+    # Online-only weights (the released fine-tuned files, exports) start the momentum encoders
+    # as copies, with fresh queues.
+    load_weights(model, state_dict, kind)
     return kind, model
+
+
+# ---- what a name or path refers to: an export folder, a checkpoint file, a registry name --------
+
+def source_state(name_or_path):
+    """(state_dict, config, source, weights_file) of an export folder, a checkpoint file or a
+    registry name; config is the one stored (a dict), the registry's (a YAML path) or None."""
+    from albef import export  # albef.export builds on this module
+    path = str(name_or_path)
+    if export.is_export(path):
+        state_dict, config, _ = export.read_export(path)
+        return state_dict, config, path, os.path.join(path, export.WEIGHTS)
+    if os.path.isdir(path):
+        raise CheckpointError(f'{path}: a folder without {export.MANIFEST}, so not an albef '
+                              f'export (`albef export CHECKPOINT --out DIR` writes one)')
+    config = None
+    if not os.path.exists(path) and (entry := registry_entry(path)) is not None:
+        path, config = entry
+    checkpoint = read_checkpoint(path)
+    state_dict = state_dict_of(checkpoint, path)
+    stored = checkpoint.get('config') if isinstance(checkpoint, dict) else None
+    return state_dict, stored if isinstance(stored, dict) else config, str(name_or_path), path
+
+
+def registry_entry(name):
+    """(local file, paired config YAML or None) of a released checkpoint's name or an http(s)
+    URL, fetched into albef.hub's cache on first use; None when `name` is neither (a path that
+    does not exist is then reported as such)."""
+    entry = hub.lookup(name)
+    if entry is None and not name.startswith(('http://', 'https://')):
+        return None
+    return hub.resolve_checkpoint(name), entry.config if entry is not None else None
+
+
+def source_config(config, stored, source):
+    """The config to build the model with: `config` (a YAML path or dict) if given, else the
+    stored or registered one; a ValueError when there is none."""
+    config = stored if config is None else config
+    if config is None:
+        raise ValueError(f'{source} stores no config (released files do not): pass config= '
+                         f'(--config) the YAML it was trained with, e.g. '
+                         f'configs/Retrieval_coco.yaml')
+    return dict(config) if isinstance(config, dict) else load_config(resolve_repo_path(str(config)))
+
+
+def tokenizer_for(tokenizer, config):
+    """`tokenizer` if it is one, else the BertTokenizer of that name or folder (default: the
+    config's `tokenizer`, else its `text_encoder`, else bert-base-uncased)."""
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    name = tokenizer or config.get('tokenizer') or config.get('text_encoder') or 'bert-base-uncased'
+    return BertTokenizer.from_pretrained(resolve_repo_path(str(name)))
+
+
+def open_model(name_or_path, config=None, tokenizer=None):
+    """(kind, model, config, tokenizer) of an export folder, a checkpoint file or a registry name."""
+    state_dict, stored, source, _ = source_state(name_or_path)
+    config = source_config(config, stored, source)
+    tokenizer = tokenizer_for(tokenizer, config)
+    kind, model = model_from_state_dict(state_dict, config, tokenizer, source=source)
+    return kind, model, config, tokenizer
+
+
+PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+
+def default_device(device):
+    if device is not None:
+        return check_device(device)
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def load_model(name_or_path, device=None, precision='fp32', config=None, tokenizer=None):
+    """`(model, image_transform, tokenizer)` of an export folder, a checkpoint file (released or
+    trained) or a registry name, as LAVIS' load_model_and_preprocess and open_clip's
+    create_model_and_transforms give them:
+
+    model            the task's models.model_*.ALBEF in eval mode on `device` (default: cuda if
+                     available), its weights in `precision` ('fp32', 'fp16' or 'bf16': the
+                     weights themselves are cast, as open_clip's pure_fp16 / pure_bf16)
+    image_transform  PIL RGB image -> (3, R, R) tensor in the model's dtype: the test transform
+                     (square bicubic resize to image_res, CLIP normalisation)
+    tokenizer        the checkpoint's BertTokenizer (`[CLS] text`, no [SEP]), fitted to the
+                     text encoder's position table
+
+    config: the training YAML (path or dict) of a file that stores none (the released files).
+    For preprocessing, batching and the task heads in one object, use ALBEFInference."""
+    if precision not in PRECISIONS:
+        raise ValueError(f'precision {precision!r}: allowed {", ".join(PRECISIONS)}')
+    device = default_device(device)  # checked before the weights are read
+    _, model, config, tokenizer = open_model(name_or_path, config, tokenizer)
+    dtype = PRECISIONS[precision]
+    model = model.to(device=device, dtype=dtype).eval()
+    transform = create_transform('test', config['image_res'])
+    if dtype != torch.float32:
+        transform = transforms.Compose([transform, transforms.ConvertImageDtype(dtype)])
+    return model, transform, tokenizer
 
 
 def _at_precision(method):
@@ -204,27 +308,13 @@ class ALBEFInference:
 
     @classmethod
     def from_checkpoint(cls, path, config=None, tokenizer=None, device=None, precision='fp32'):
-        """config: the YAML path or dict the checkpoint was trained with (default: the one stored
-        in the file); tokenizer: a BertTokenizer, a hub name or a folder (default: the config's);
-        device: default cuda if available; precision: 'fp32', 'bf16' or 'fp16' autocast."""
-        if device is not None:
-            check_device(device)  # before the checkpoint is read
-        checkpoint = read_checkpoint(path)
-        state_dict = state_dict_of(checkpoint, str(path))
-        if config is None:
-            config = checkpoint.get('config') if isinstance(checkpoint, dict) else None
-            if not isinstance(config, dict):
-                raise ValueError(f'{path} stores no config (released files do not): pass config= '
-                                 f'(--config) the YAML it was trained with, e.g. '
-                                 f'configs/Retrieval_coco.yaml')
-        elif not isinstance(config, dict):
-            config = load_config(config)
-        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-            name = (tokenizer or config.get('tokenizer') or config.get('text_encoder')
-                    or 'bert-base-uncased')
-            tokenizer = BertTokenizer.from_pretrained(_resolve(str(name)))
-        kind, model = load_model(state_dict, config, tokenizer, source=str(path))
-        device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+        """path: an export folder (`albef export`), a checkpoint file or a registry name;
+        config: the YAML path or dict the checkpoint was trained with (default: the one stored
+        in the file or folder, or registered with the name); tokenizer: a BertTokenizer, a hub
+        name or a folder (default: the config's); device: default cuda if available;
+        precision: 'fp32', 'bf16' or 'fp16' autocast (the weights stay fp32)."""
+        device = default_device(device)  # checked before the checkpoint is read
+        kind, model, config, tokenizer = open_model(path, config, tokenizer)
         return cls(model, kind, config, tokenizer, device, source=str(path), precision=precision)
 
     # ---- preprocessing ----------------------------------------------------------------------
@@ -417,7 +507,7 @@ class ALBEFInference:
 
     def answer_list(self):
         """The config's answer_list file (VQA's candidate answers)."""
-        path = _resolve(self.config.get('answer_list'))
+        path = resolve_repo_path(self.config.get('answer_list'))
         if not path or not os.path.isfile(path):
             raise ValueError(f'no candidate answers: pass candidates=[...] (the config\'s '
                              f'answer_list {path!r} is not a file)')

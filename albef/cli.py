@@ -5,20 +5,27 @@
     albef score        --checkpoint C --image I --captions "a dog" "a cat"
     albef answer       --checkpoint C --image I --question "what color?" --k 5
     albef gradcam      --checkpoint C --image I --text "the dog" --out overlays/
+    albef export       C --out DIR [--dtype fp16]    (an inference-only folder: albef.export)
+    albef list                                       (the released checkpoints by name)
 
-A released checkpoint (no stored config) needs --config, the YAML it was trained with. Errors
+C is a checkpoint file, an export folder or a released checkpoint's name (`albef list`). A
+released file (no stored config) needs --config, the YAML it was trained with (a name brings
+the config it pairs with). Errors
 (a wrong file, kind, config, device, image or argument) print one line and exit with status 2;
 --debug (or ALBEF_DEBUG=1) shows the full traceback instead.
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import utils
+from albef import hub
 from albef.api import ALBEFInference
+from albef.export import DTYPES, export_model
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
 
@@ -130,6 +137,21 @@ COMMANDS = {'embed-images': embed_images, 'embed-texts': embed_texts, 'score': s
             'answer': answer, 'gradcam': gradcam}
 
 
+def export(args):
+    manifest = export_model(args.source, args.out, dtype=args.dtype, config=args.config)
+    print(f'{manifest["kind"]} model, {manifest["tensors"]} tensors in {manifest["dtype"]} '
+          f'({manifest["dropped_training_tensors"]} training-only tensors left out) -> {args.out}')
+    return manifest
+
+
+def list_released(args):
+    return hub.list_pretrained(file=sys.stdout)
+
+
+# Commands that load no model for inference.
+OTHER_COMMANDS = {'export': export, 'list': list_released}
+
+
 def read_inputs(args):
     """The command's own inputs, checked before the checkpoint is loaded (a mistake costs no
     model loading): the image paths, the texts or the candidate answers (None: none needed)."""
@@ -147,7 +169,7 @@ def read_inputs(args):
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument('--checkpoint', required=True,
-                        help='a released or trained checkpoint (.pth)')
+                        help='a checkpoint file (.pth), an export folder or a released name')
     common.add_argument('--config', default=None,
                         help='its training YAML (required when the file stores no config)')
     common.add_argument('--device', default=None,
@@ -185,11 +207,27 @@ def build_parser():
     p.add_argument('--out', required=True, help='a folder')
     p.add_argument('--block_num', type=int, default=None,
                    help='fusion layer (default: fusion_layer + 2, 8 for BERT-base)')
+    help = ('an inference-only folder: model.safetensors without momentum encoders, queues or '
+            'optimizer state, with its config, BERT config and tokenizer')
+    p = sub.add_parser('export', help=help, description=help, formatter_class=utils.HelpFormatter)
+    p.add_argument('source', metavar='CHECKPOINT',
+                   help='a checkpoint file, a released name or an export folder')
+    p.add_argument('--out', required=True, help='the folder to write (new or empty)')
+    p.add_argument('--dtype', default='fp32', choices=tuple(DTYPES),
+                   help='of the stored weights')
+    p.add_argument('--config', default=None,
+                   help='its training YAML (required when the file stores no config)')
+    p.add_argument('--debug', action='store_true', help='show the full traceback on errors')
+    help = 'the released checkpoints by name (usable as --checkpoint NAME)'
+    p = sub.add_parser('list', help=help, description=help, formatter_class=utils.HelpFormatter)
+    p.add_argument('--debug', action='store_true', help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command in OTHER_COMMANDS:
+        return OTHER_COMMANDS[args.command](args)
     args.inputs = read_inputs(args)
     albef = ALBEFInference.from_checkpoint(args.checkpoint, config=args.config, device=args.device,
                                            precision=args.precision)
