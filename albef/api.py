@@ -171,7 +171,11 @@ def build_model(kind, config, tokenizer, state_dict):
         config['distill'] = has_momentum(state_dict)
     # Every weight comes from the checkpoint: no BERT / DeiT initialisation is downloaded.
     extra = {'pretrain': {'init_deit': False}, 'vqa': {'text_decoder': None}}.get(kind, {})
-    return MODELS[kind].ALBEF(config=config, text_encoder=None, tokenizer=tokenizer, **extra)
+    try:
+        return MODELS[kind].ALBEF(config=config, text_encoder=None, tokenizer=tokenizer, **extra)
+    except KeyError as error:
+        raise ValueError(f'the config has no {error.args[0]!r}, which the {kind!r} model of this '
+                         f'checkpoint needs (is it the YAML of another task?)') from None
 
 
 def model_from_state_dict(state_dict, config, tokenizer, source='the checkpoint'):
