@@ -329,15 +329,23 @@ def setup(args, task):
         refuse_previous_run(args.output_dir)
     utils.init_distributed_mode(args)
     config = utils.load_task_config(args, task)
+    # A released checkpoint's name or a URL becomes a cached file once the processes are joined
+    # (rank 0 downloads, the others wait) and before anything is written. Imported here: albef
+    # imports this module.
+    from albef.hub import log_resolved, resolve_checkpoint
+    checkpoint = resolve_checkpoint(args.checkpoint, getattr(args, 'cache_dir', None)) \
+        if args.checkpoint else ''
     os.makedirs(args.output_dir, exist_ok=True)
     if utils.is_main_process():
         remove_partial_checkpoints(args.output_dir)
     utils.setup_logging(args.output_dir)
+    if checkpoint:
+        log_resolved(args.checkpoint, checkpoint, config, evaluate)
     utils.set_seed(args.seed)
     utils.save_config(config, os.path.join(args.output_dir, 'config.yaml'))
     torch.backends.cudnn.benchmark = True
     return Run(config, args.output_dir, task, device=args.device, seed=args.seed,
-               checkpoint=args.checkpoint, resume=args.resume,
+               checkpoint=checkpoint, resume=args.resume,
                evaluate=evaluate, gpu=getattr(args, 'gpu', 0))
 
 

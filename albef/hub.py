@@ -15,6 +15,7 @@ while the others wait, then all read the same cached file.
 """
 import difflib
 import hashlib
+import http.client
 import logging
 import os
 import socket
@@ -195,7 +196,7 @@ def resolve_checkpoint(name_or_path, cache_dir=None):
                                 'or hold the file on every node')
         return path
 
-    return rank_zero_first(lambda: _fetch(url, path, expected_prefix), others)
+    return rank_zero_first(lambda: _fetch(url, path, expected_prefix), others, DownloadError)
 
 
 def _remove(path):
@@ -203,6 +204,21 @@ def _remove(path):
         os.remove(path)
     except OSError:
         pass
+
+
+def log_resolved(name_or_path, path, config, evaluate=False):
+    """Log where a --checkpoint name or URL was found; with --evaluate, warn when the config's
+    image_res differs from the released file's (its position embeddings would be interpolated,
+    which fine-tuning expects and evaluation usually does not) and name the config it pairs
+    with. The config is never swapped: several configs fit some files (zero-shot retrieval)."""
+    if os.fspath(name_or_path) == path:
+        return
+    logger.info('--checkpoint %s: %s', name_or_path, path)
+    entry = lookup(name_or_path)
+    if evaluate and entry is not None and config.get('image_res') not in (None, entry.image_res):
+        logger.warning('%s was trained at image_res %d and pairs with %s; this config has '
+                       'image_res %s', entry.file, entry.image_res, entry.config,
+                       config.get('image_res'))
 
 
 def _sha256_file(path):
@@ -260,8 +276,8 @@ def _fetch(url, path, expected_prefix=''):
             try:
                 digest = _download(url, path + '.part')
                 break
-            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError,
-                    _Incomplete) as e:
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
+                    socket.timeout, TimeoutError, _Incomplete) as e:
                 if isinstance(e, urllib.error.HTTPError):
                     raise DownloadError(f'cannot download {url}: HTTP {e.code} {e.reason}') from e
                 if attempt == ATTEMPTS:
@@ -271,7 +287,9 @@ def _fetch(url, path, expected_prefix=''):
                         f'attempt continues the partial file {path}.part') from e
                 logger.warning('download of %s interrupted (%s); continuing (attempt %d of %d)',
                                url, _reason(e), attempt + 1, ATTEMPTS)
-                time.sleep(min(2 ** attempt, 10) if not isinstance(e, _Incomplete) else 0)
+                # A refused or timed-out connection gets a moment; a cut one continues at once.
+                cut = isinstance(e, (_Incomplete, http.client.IncompleteRead))
+                time.sleep(0 if cut else min(2 ** attempt, 10))
         if expected_prefix and not digest.startswith(expected_prefix):
             os.remove(path + '.part')
             raise DownloadError(f'{url} downloaded with sha256 {digest[:16]}..., not the '
