@@ -64,7 +64,9 @@ class Pretrained:
         return self.url or RELEASE_BASE_URL + self.file
 
 
-# The original release (its README's links) and the two unimodal initialisations.
+# The original release (the links of its README, NeurIPS version: all seven are there; not
+# downloaded while this was written, so no sha256 is known in advance) and the two unimodal
+# initialisations.
 # NOTE(faithful): refcoco.pth holds retrieval-model weights; Grounding.py uses that model.
 REGISTRY = (
     Pretrained('albef_14m', 'ALBEF.pth', 'pretrain', 'Pretrain.py', 'configs/Pretrain.yaml', 256,
