@@ -126,9 +126,12 @@ def cache_dir_default():
     return os.path.join(base, 'albef')
 
 
+def _true(value):
+    return value.strip().lower() in ('1', 'true', 'yes', 'on')
+
+
 def is_offline():
-    return any(os.environ.get(env, '').strip().lower() in ('1', 'true', 'yes', 'on')
-               for env in OFFLINE_ENVS)
+    return any(_true(os.environ.get(env, '')) for env in OFFLINE_ENVS)
 
 
 def _is_url(text):
@@ -156,14 +159,19 @@ def _cache_path(name_or_url, cache_dir):
 
 
 def _unknown(name):
+    name = str(name)
+    if os.sep in name or (os.altsep and os.altsep in name):  # meant as a path
+        return DownloadError(f'checkpoint {name!r} does not exist (released checkpoints go by '
+                             'name: python -m albef.hub lists them)')
     names = [e.name for e in REGISTRY] + [e.file for e in REGISTRY]
-    close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.6) or \
-        difflib.get_close_matches(str(name).lower(), [n.lower() for n in names], n=3, cutoff=0.6)
+    lowered = {n.lower(): n for n in names}
+    close = [lowered[n] for n in difflib.get_close_matches(name.lower(), list(lowered), n=3,
+                                                          cutoff=0.6)]
     hint = f' Did you mean {", ".join(map(repr, close))}?' if close else ''
     return DownloadError(
-        f'checkpoint {str(name)!r} is neither an existing file, an http(s) URL nor a released '
-        f'checkpoint name.{hint} Known names: {", ".join(e.name for e in REGISTRY)} (or their '
-        f'file names: {", ".join(e.file for e in REGISTRY)}).')
+        f'checkpoint {name!r} does not exist and is neither a released checkpoint name nor an '
+        f'http(s) URL.{hint} Known names: {", ".join(e.name for e in REGISTRY)} (or their file '
+        f'names: {", ".join(e.file for e in REGISTRY)}).')
 
 
 def resolve_checkpoint(name_or_path, cache_dir=None):
@@ -266,7 +274,7 @@ def _fetch(url, path, expected_prefix=''):
     if os.path.isfile(path):
         return _verify(path)
     if is_offline():
-        env = next(e for e in OFFLINE_ENVS if os.environ.get(e))
+        env = next(e for e in OFFLINE_ENVS if _true(os.environ.get(e, '')))
         raise DownloadError(f'offline (${env}): {os.path.basename(path)} is not in the cache. '
                             f'Download {url} and put it at {path} (or set ${MIRROR_ENV} to a '
                             'folder or server holding the released files)')
@@ -329,6 +337,11 @@ def _download(url, part):
         return _download(url, part)
     with response:
         digest = hashlib.sha256()
+        resumed_at = response.headers.get('Content-Range', '').partition(' ')[2].split('-')[0]
+        if offset and response.status == 206 and resumed_at != str(offset):
+            response.close()  # not the continuation asked for: start over
+            os.remove(part)
+            return _download(url, part)
         if offset and response.status == 206:
             with open(part, 'rb') as f:  # the part already there counts towards the hash
                 while chunk := f.read(_CHUNK):

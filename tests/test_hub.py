@@ -29,6 +29,7 @@ class Server:
 
     def __init__(self, files, drop_once=()):
         self.files, self.drop_once, self.requests = dict(files), set(drop_once), []
+        self.ranges = True  # False: a server that ignores Range and sends the whole file
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,7 +41,7 @@ class Server:
                     self.send_error(404)
                     return
                 start = 0
-                if self.headers.get('Range'):
+                if self.headers.get('Range') and server.ranges:
                     start = int(self.headers['Range'].split('=')[1].split('-')[0])
                     if start >= len(data):
                         self.send_error(416)
@@ -64,7 +65,8 @@ class Server:
 
         self.httpd = ThreadingHTTPServer(('127.0.0.1', 0), Handler)
         self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={'poll_interval': 0.05},
+                         daemon=True).start()
 
     def count(self, name):
         return sum(1 for path, _ in self.requests if path == name)
@@ -146,6 +148,18 @@ def test_partial_file_is_kept_for_the_next_attempt(server, tmp_path, monkeypatch
     assert server.requests[-1] == ('mscoco.pth', f'bytes={len(data) // 2}-')
 
 
+def test_server_without_range_support_sends_the_whole_file_again(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, 'ATTEMPTS', 1)
+    server.ranges = False
+    server.drop_once.add('mscoco.pth')
+    with pytest.raises(hub.DownloadError):
+        hub.resolve_checkpoint('albef_mscoco', cache_dir=tmp_path)
+    path = hub.resolve_checkpoint('albef_mscoco', cache_dir=tmp_path)
+    assert Path(path).read_bytes() == server.files['mscoco.pth']
+    assert Path(path + '.sha256').read_text().split()[0] == \
+        hashlib.sha256(server.files['mscoco.pth']).hexdigest()
+
+
 def test_changed_cached_file_is_an_error_not_a_silent_reload(server, tmp_path):
     path = Path(hub.resolve_checkpoint('albef_mscoco', cache_dir=tmp_path))
     damaged = bytearray(path.read_bytes())
@@ -204,6 +218,8 @@ def test_unknown_name_lists_the_known_ones():
     assert all(entry.name in message for entry in hub.REGISTRY)
     with pytest.raises(hub.DownloadError, match='Hugging Face model name'):
         hub.resolve_checkpoint('bert-base-uncased')
+    with pytest.raises(hub.DownloadError, match=r"checkpoint 'out/missing.pth' does not exist"):
+        hub.resolve_checkpoint('out/missing.pth')
 
 
 def test_registry_lists_the_release(capsys):
