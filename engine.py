@@ -158,6 +158,12 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, epoch, device, 
     alpha_max = config.get('alpha')  # None for tasks without distillation (TA pre-training)
     precision = config.get('precision', 'fp32')
     accum = accum_steps(config)
+    # A per-step schedule (schedular.step_every: step) is a function of the optimiser steps done
+    # in the whole run: set for the first step here (also where a resumed run continues).
+    per_step = getattr(lr_scheduler, 'per_step', False)
+    steps_per_epoch = math.ceil(num_batches / accum)
+    if per_step:
+        lr_scheduler.step_update(epoch * steps_per_epoch + start_step // accum)
 
     for i, batch in enumerate(metric_logger.log_every(data_loader, print_freq, header), start_step):
         alpha = alpha_max
@@ -200,9 +206,11 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, epoch, device, 
                     metric_logger.add_meter(name, utils.SmoothedValue(window_size=50, fmt='{value:.4f}'))
             metric_logger.update(lr=optimizer.param_groups[0]['lr'], **values)
 
+        if micro == group - 1 and per_step:
+            lr_scheduler.step_update(epoch * steps_per_epoch + step + 1)
         # NOTE(faithful): warm-up is stepped after the optimiser step, every 100 steps, so steps
         # 0..100 run at warmup_lr (steps = iterations without accumulation).
-        if micro == group - 1 and epoch == 0 and step % WARMUP_STEP_SIZE == 0 and step <= warmup_steps:
+        elif micro == group - 1 and epoch == 0 and step % WARMUP_STEP_SIZE == 0 and step <= warmup_steps:
             lr_scheduler.step(step // WARMUP_STEP_SIZE)
         # Step checkpoints only between optimiser steps (no half-accumulated gradients are lost).
         if hooks is not None and micro == group - 1:
@@ -342,11 +350,20 @@ def setup(args, task):
     if checkpoint:
         log_resolved(args.checkpoint, checkpoint, config, evaluate)
     utils.set_seed(args.seed)
+    set_cpu_threads(config['threads'], args.device)
     utils.save_config(config, os.path.join(args.output_dir, 'config.yaml'))
     torch.backends.cudnn.benchmark = True
     return Run(config, args.output_dir, task, device=args.device, seed=args.seed,
                checkpoint=checkpoint, resume=args.resume,
                evaluate=evaluate, gpu=getattr(args, 'gpu', 0))
+
+
+def set_cpu_threads(threads, device):
+    """torch's intra-op threads of a CPU run from the config's `threads` (None: torch's own
+    default); a GPU run is left alone."""
+    if threads is not None and torch.device(device).type == 'cpu':
+        torch.set_num_threads(threads)
+        logger.info('threads: %d intra-op CPU threads', threads)
 
 
 def refuse_previous_run(output_dir):
@@ -430,8 +447,9 @@ class Run:
         model = configure_model(model.to(self.device), self.config)
         self.model, self.loader, self.steps_per_epoch = model, loader, len(loader)
         self.optimizer = optimizer or build_optimizer(self.config, model)
-        self.lr_scheduler = lr_scheduler or create_scheduler(self.config['schedular'],
-                                                             self.optimizer)
+        self.lr_scheduler = lr_scheduler or create_scheduler(
+            self.config['schedular'], self.optimizer,
+            steps_per_epoch=math.ceil(len(loader) / accum_steps(self.config)))
         if self.resume_from and not self.evaluating:
             self.resume(None if self.resume_from is True else self.resume_from)
         if self.checkpoint and not self.resumed_from:
@@ -545,7 +563,7 @@ class Run:
         there)."""
         if self.evaluating:
             return {}
-        if epoch > 0:
+        if epoch > 0 and not getattr(self.lr_scheduler, 'per_step', False):
             self.lr_scheduler.step(epoch + self.config['schedular']['warmup_epochs'])
         start_step = self.begin_epoch(epoch)
         if start_step == self.steps_per_epoch:

@@ -142,6 +142,11 @@ SCHEDULE = {  # `schedular`: the original's spelling is the key
     'warmup_lr': Key((float,), low=0.0),
     'warmup_epochs': Key((int,), low=0),
     'cooldown_epochs': Key((int,), low=0),
+    'step_every': Key((str,), "'epoch': the original's per-epoch cosine with a warm-up in "
+                      "100-iteration units; 'step': warm-up and cosine per optimiser step",
+                      choices=('epoch', 'step'), default='epoch'),
+    'warmup_steps': Key((int,), 'per-step warm-up length (step_every: step); absent: '
+                        'warmup_epochs epochs of steps', low=0),
 }
 
 KEYS = {
@@ -155,6 +160,8 @@ KEYS = {
     'max_tokens': POSITIVE_INT,
     'eos': Key((str,), 'the answer decoder stop token', default={'vqa': '[SEP]'}),
     'num_workers': Key((int,), 'data loader worker processes per rank', low=0, default=4),
+    'threads': Key((int, type(None)), 'intra-op CPU threads per process in CPU runs; null: '
+                   "torch's default", low=1, default=None),
     # model
     'bert_config': PATH, 'text_encoder': MAYBE_NAME, 'text_decoder': MAYBE_NAME,
     'tokenizer': Key((str,), 'hub name or local folder'),
@@ -300,6 +307,10 @@ def validate(config, task, world_size=1, source='config'):
     if scale is not None and not (len(scale) == 2 and 0.0 < scale[0] <= scale[1] <= 1.0):
         errors.append(f'augment.crop_scale = {scale!r}: expected [low, high] with '
                       f'0 < low <= high <= 1 (fractions of the image area)')
+    schedule = config['schedular']
+    if 'warmup_steps' in schedule and schedule.get('step_every', 'epoch') != 'step':
+        errors.append('schedular.warmup_steps needs schedular.step_every: step (the per-epoch '
+                      'schedule warms up over warmup_epochs x 100 iterations)')
     batch_key = QUEUE_BATCH.get(task)
     if batch_key and config.get('queue_size') is not None:
         global_batch = config[batch_key] * world_size
@@ -370,13 +381,18 @@ def _convert_new(item, text, spec):
     raise ConfigError(f'override {item!r}: cannot convert {text!r}: expected {spec.describe()}')
 
 
-def apply_overrides(config, overrides):
+_NULL = ('null', 'Null', 'NULL', '~')  # YAML's spellings of null
+
+
+def apply_overrides(config, overrides, task=None):
     """A copy of `config` with `key.sub=value` overrides applied (as given by `--opts`).
 
     A key must be in the config (every key with a default is, after `with_defaults`) or in the
     tables (KEYS, SECTIONS); the value takes the type of the value it replaces, or the key's
     type (bools accept true/false/1/0/yes/no; lists and dicts are parsed as YAML); validate()
-    then checks it.
+    then checks it. `key=null` sets a key that accepts null (text_encoder) to None and removes
+    any other key, as if the YAML did not have it (a key with a default gets its default back
+    from with_defaults); a key `task` cannot run without, or a required section key, is refused.
     """
     config = copy.deepcopy(config)
     for item in overrides or ():
@@ -389,6 +405,20 @@ def apply_overrides(config, overrides):
             node = node.get(part) if isinstance(node, dict) else None
         table = SECTIONS.get(parents[0], {}) if len(parents) == 1 else KEYS if not parents else {}
         spec = table.get(leaf)
+        if text.strip() in _NULL and (spec is None or type(None) not in spec.types):
+            required = (REQUIRED.get(task, ()) if not parents else
+                        REQUIRED_IN_SECTION.get(parents[0], ()) if len(parents) == 1 else ())
+            if leaf in required:
+                raise ConfigError(f'override {item!r}: {key!r} is required'
+                                  f'{f" by {task}" if task else ""}: it cannot be removed')
+            if isinstance(node, dict) and leaf in node:
+                del node[leaf]
+                continue
+            if spec is not None and (isinstance(node, dict) or len(parents) == 1):
+                continue  # a known key that is absent already
+        elif text.strip() in _NULL and isinstance(node, dict):
+            node[leaf] = None  # a key whose null means something (random init for text_encoder)
+            continue
         if isinstance(node, dict) and leaf not in node and spec is not None:
             # A known key without a default, absent from this config: typed by the table;
             # validate() then says whether it applies to the task.
@@ -411,7 +441,7 @@ def load_task_config(args, task):
     applied, --text_encoder (and --text_decoder) applied, validated for `task` at the world size
     of `args` (call after init_distributed_mode)."""
     config = with_defaults(load_config(args.config), task)
-    config = apply_overrides(config, args.opts)
+    config = with_defaults(apply_overrides(config, args.opts, task), task)  # null: the default
     if getattr(args, 'text_encoder', None):
         config['text_encoder'] = config['tokenizer'] = args.text_encoder
     if getattr(args, 'text_decoder', None):
