@@ -2,7 +2,8 @@ r"""VQA fine-tuning and answer ranking (paper section 5.1).
 
 Fine-tunes the answer decoder, then answers the test questions by ranking `answer_list` and
 writes `result/vqa_result_epoch{E}.json` in the evaluation server's format
-([{"question_id": int, "answer": str}], every question once) plus `..._topk.json` with the best
+([{"question_id": id, "answer": str}], every question once, each id as the question file gives
+it: int as in VQA v2, or str) plus `..._topk.json` with the best
 answers and their scores. A `val_file` with human answers (optional) is answered too and scored
 locally with the VQA accuracy (dataset/vqa_eval.py).
 
@@ -29,6 +30,7 @@ import torch
 import engine
 import utils
 from dataset import create_dataset, vqa_collate_fn, vqa_eval_dataset
+from dataset.vqa_dataset import vqa_test_collate_fn
 from dataset.vqa_eval import vqa_accuracy
 from models.model_vqa import ALBEF
 from models.tokenization_bert import BertTokenizer
@@ -71,8 +73,12 @@ def answer_questions(model, data_loader, tokenizer, device, config, print_freq=5
         question = tokenizer(list(questions), padding='longest', return_tensors='pt').to(device)
         topk_ids, topk_probs = model(image.to(device, non_blocking=True), question, answers, k=k,
                                      train=False)  # (B, k) each, best first
-        for qid, ids, probs in zip(question_ids.tolist(), topk_ids.tolist(), topk_probs.tolist()):
-            results.append({'question_id': int(qid), 'answer': answer_list[ids[0]],
+        # NOTE(fixed): the original cast every id to int; the ids stay as the file gives them
+        # (a list from vqa_test_collate_fn; a tensor from the default collate of int ids).
+        if torch.is_tensor(question_ids):
+            question_ids = question_ids.tolist()
+        for qid, ids, probs in zip(question_ids, topk_ids.tolist(), topk_probs.tolist()):
+            results.append({'question_id': qid, 'answer': answer_list[ids[0]],
                             'topk': [{'answer': answer_list[i], 'score': p}
                                      for i, p in zip(ids[:TOPK_KEPT], probs[:TOPK_KEPT])]})
     return merge_results(utils.all_gather_objects(results),
@@ -91,7 +97,8 @@ def merge_results(per_rank, question_ids):
             by_id.setdefault(result['question_id'], result)
     missing = set(question_ids) - set(by_id)
     if missing:
-        raise RuntimeError(f'{len(missing)} questions were not answered, e.g. {sorted(missing)[:5]}')
+        raise RuntimeError(f'{len(missing)} questions were not answered, e.g. '
+                           f'{sorted(missing, key=repr)[:5]}')
     return [by_id[qid] for qid in dict.fromkeys(question_ids)]
 
 
@@ -120,7 +127,8 @@ def main(argv=None):
     if config.get('val_file'):  # questions with human answers, answered and scored locally
         eval_sets['val'] = vqa_eval_dataset(config, 'val_file')
     train_loader = run.train_loader(train_set, config['batch_size_train'], collate_fn=vqa_collate_fn)
-    eval_loaders = run.eval_loaders(list(eval_sets.values()), config['batch_size_test'])
+    eval_loaders = run.eval_loaders(list(eval_sets.values()), config['batch_size_test'],
+                                    collate_fn=vqa_test_collate_fn)
 
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
     model = ALBEF(config=config, text_encoder=config['text_encoder'],

@@ -1,7 +1,8 @@
 """VQA v2 (+ Visual Genome QA) questions for answer generation (paper section 4.2).
 
 Records: `{"question_id", "question", "answer": [10 answers], "image", "dataset": "vqa"}` with the
-image under `vqa_root`, or `{"question", "answer": str, "image", "dataset": "vg"}` under `vg_root`.
+image under `vqa_root` (question_id: an int as in VQA v2, or a string), or
+`{"question", "answer": str, "image", "dataset": "vg"}` under `vg_root`.
 Test records carry no answer; predictions are ranked over the strings of `answer_list`.
 """
 import os
@@ -38,7 +39,9 @@ def _record_checker(split):
         if record['dataset'] not in SOURCES:
             raise ValueError(f'{where}: "dataset" must be one of {SOURCES}, got {record["dataset"]!r}')
         if split == 'test':
-            check_fields(record, where, question_id=int)
+            # The ids are the records' own (int in VQA v2, any string in a user's data) and come
+            # back unchanged in the result files.
+            check_fields(record, where, question_id=(int, str))
             if 'answer' in record:
                 _check_human_answers(record, where)
             # NOTE(fixed): the results are merged by question_id (one answer each, VQA.py), which
@@ -91,6 +94,7 @@ def load_answer_list(path):
 class vqa_dataset(Dataset):  # original class name kept
     """split 'train': `__getitem__` -> (image, question, answers + eos, weights as floats);
     split 'test': -> (image, question, question_id), and `.answer_list` holds the candidates.
+    Batch test items with vqa_test_collate_fn (question ids int or str, kept as given).
     """
 
     def __init__(self, ann_files, transform, vqa_root, vg_root, eos='[SEP]', split='train',
@@ -138,3 +142,11 @@ def vqa_collate_fn(batch):
         weights += item_weights
         n.append(len(item_answers))
     return torch.stack(images, dim=0), questions, answers, torch.tensor(weights, dtype=torch.float32), n
+
+
+def vqa_test_collate_fn(batch):
+    """Test batch -> (images (B, 3, H, W), questions [B], question ids [B]). The ids stay a list
+    of the records' own values: the default collate would make int ids a tensor and cannot mix
+    int and str ids."""
+    images, questions, question_ids = zip(*batch)
+    return torch.stack(images, dim=0), list(questions), list(question_ids)

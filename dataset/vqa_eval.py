@@ -104,16 +104,16 @@ def answer_accuracy(prediction, human_answers):
 def vqa_accuracy(results, annotations):
     """Mean VQA accuracy (in [0, 1]) of `results` ([{"question_id", "answer"}]) over the
     `annotations` ([{"question_id", "answer": [human answers]}]); every annotated question must
-    have exactly one result."""
+    have exactly one result. Ids are compared as given: int 1 and str '1' are two questions."""
     predicted = {}
     for result in results:
         if result['question_id'] in predicted:
-            raise ValueError(f'question {result["question_id"]} is answered twice')
+            raise ValueError(f'question {result["question_id"]!r} is answered twice')
         predicted[result['question_id']] = result['answer']
     scores = []
     for ann in annotations:
         if ann['question_id'] not in predicted:
-            raise ValueError(f'question {ann["question_id"]} has no predicted answer')
+            raise ValueError(f'question {ann["question_id"]!r} has no predicted answer')
         humans = ann['answer'] if isinstance(ann['answer'], list) else [ann['answer']]
         scores.append(answer_accuracy(predicted[ann['question_id']], humans))
     if not scores:
