@@ -28,8 +28,9 @@ Written under `out` (all paths inside the JSONs are relative to `out`: configs s
   `dets.json` (str(image_id) -> jittered object boxes plus distractors, [x, y, w, h]);
   `cocos.json` (str(image_id) -> exact object boxes [x, y, w, h, category_id]);
   `refcoco+/refs(unc).p` and `refcoco+/instances.json` in the REFER formats.
-- `tokenizer/vocab.txt` + `tokenizer_config.json`: a BERT-layout WordPiece vocabulary of the
-  corpus words plus every single character and ##character (any ASCII text tokenizes).
+- `tokenizer/vocab.txt` + `tokenizer_config.json`: a BERT-layout WordPiece vocabulary learnt
+  on the corpus by tools/build_vocab.py (every corpus word is one token; every ASCII character
+  alone and as ##character, so any ASCII text tokenizes).
 
 Labels are drawn before the scene and the scene is sampled to satisfy them, so a text-only model
 sees the same question/sentence with every answer/label and cannot beat the per-type prior.
@@ -41,7 +42,6 @@ import logging
 import os
 import pickle
 import random
-import re
 import string
 from dataclasses import dataclass
 
@@ -488,19 +488,19 @@ def _detections(rng, scene, side):
 
 # ----------------------------------------------------------------------------- tokenizer
 
+# At most the tiny BERT's vocab_size (configs/tiny/config_bert.json).
+VOCAB_SIZE = 512
+
+
 def write_vocab(out_dir, texts):
-    """BERT-layout vocabulary: [PAD]=0, [unused0-98]=1-99, [UNK]=100, [CLS]=101, [SEP]=102,
-    [MASK]=103, then single characters, ##characters and the corpus words. Returns its size."""
-    chars = string.punctuation + string.digits + string.ascii_lowercase
-    words = sorted({w for t in texts for w in re.findall(r'[a-z0-9]+', t.lower())} - set(chars))
-    vocab = (['[PAD]'] + [f'[unused{i}]' for i in range(99)] + ['[UNK]', '[CLS]', '[SEP]', '[MASK]']
-             + list(chars) + [f'##{c}' for c in string.digits + string.ascii_lowercase] + words)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'vocab.txt'), 'w', encoding='utf-8') as f:
-        f.write('\n'.join(vocab) + '\n')
-    _dump({'do_lower_case': True, 'tokenizer_class': 'BertTokenizer', 'model_max_length': 512},
-          os.path.join(out_dir, 'tokenizer_config.json'))
-    return len(vocab)
+    """BERT-layout vocabulary of the corpus (tools/build_vocab.py, the tool for users' data):
+    [PAD]=0, [unused0-98]=1-99, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103, then the WordPiece
+    tokens, every character of the corpus alone and as ##character. Returns its size."""
+    from tools.build_vocab import build_vocab
+    # ASCII letters, digits and punctuation are in the corpus too, so that any ASCII text
+    # tokenizes (a user's question at inference time, say) without [UNK].
+    alphabet = string.punctuation + string.digits + string.ascii_lowercase
+    return build_vocab(list(texts) + [' '.join(alphabet)], out_dir, vocab_size=VOCAB_SIZE)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -526,7 +526,7 @@ def resolve_sizes(size='small', **sizes):
 
 # Raised whenever the generator writes different data for the same arguments, so that folders
 # written by an older one are not taken for the data wanted.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: the vocabulary learnt by tools/build_vocab.py
 
 
 def manifest(seed=0, size='small', image_size=96, sizes=None):
