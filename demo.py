@@ -102,11 +102,17 @@ def stage_retrieval(ctx):
 
 def stage_vqa(ctx):
     import VQA
-    from dataset.baselines import vqa_baselines
+    from dataset.baselines import by_group, vqa_baselines
+    from dataset.vqa_eval import answer_accuracy
     summary = VQA.main(ctx.args('VQA.yaml', 'vqa', '--checkpoint', ctx.pretrained()))
-    levels = vqa_baselines(read_json('vqa_train.json'), read_json('vqa_val.json'),
-                           read_json('answer_list.json'))
-    return {'metric': 'val VQA accuracy', 'value': summary['val_vqa_acc'], **levels}
+    val = read_json('vqa_val.json')
+    levels = vqa_baselines(read_json('vqa_train.json'), val, read_json('answer_list.json'),
+                           group=vqa_question_type)
+    with open(summary['val_result_file']) as f:
+        predicted = {r['question_id']: r['answer'] for r in json.load(f)}
+    scores = [answer_accuracy(predicted[ann['question_id']], ann['answer']) for ann in val]
+    return {'metric': 'val VQA accuracy', 'value': summary['val_vqa_acc'], **levels,
+            'groups': merge_groups(by_group(val, scores, vqa_question_type), levels['groups'])}
 
 
 def stage_nlvr_pretrain(ctx):
@@ -118,21 +124,25 @@ def stage_nlvr_pretrain(ctx):
 
 def stage_nlvr(ctx):
     import NLVR
-    from dataset.baselines import classification_baselines
+    from dataset.baselines import by_group, classification_baselines
     result = NLVR.main(ctx.args('NLVR.yaml', 'nlvr', '--checkpoint',
                                 ctx.pretrained('nlvr_pretrain')))
-    levels = classification_baselines(read_json('nlvr_train.json'), read_json('nlvr_test.json'))
-    return {'metric': 'test accuracy', 'value': result['test_acc'], **levels,
-            'details': result}
+    test = read_json('nlvr_test.json')
+    levels = classification_baselines(read_json('nlvr_train.json'), test, group=nlvr_kind)
+    correct = correct_labels(ctx, 'nlvr', test, lambda r: [os.path.join(DATA, p) for p in r['images']])
+    return {'metric': 'test accuracy', 'value': result['test_acc'], **levels, 'details': result,
+            'groups': merge_groups(by_group(test, correct, nlvr_kind), levels['groups'])}
 
 
 def stage_ve(ctx):
     import VE
-    from dataset.baselines import classification_baselines
+    from dataset.baselines import by_group, classification_baselines
     result = VE.main(ctx.args('VE.yaml', 've', '--checkpoint', ctx.pretrained()))
-    levels = classification_baselines(read_json('ve_train.json'), read_json('ve_test.json'))
-    return {'metric': 'test accuracy', 'value': result['test_acc'], **levels,
-            'details': result}
+    test = read_json('ve_test.json')
+    levels = classification_baselines(read_json('ve_train.json'), test, group=ve_kind)
+    correct = correct_labels(ctx, 've', test, lambda r: os.path.join(DATA, r['image'] + '.jpg'))
+    return {'metric': 'test accuracy', 'value': result['test_acc'], **levels, 'details': result,
+            'groups': merge_groups(by_group(test, correct, ve_kind), levels['groups'])}
 
 
 def stage_grounding(ctx):
@@ -177,6 +187,55 @@ TASKS = ('retrieval', 'vqa', 'nlvr', 've', 'grounding')
 def read_json(name):
     with open(os.path.join(DATA, name)) as f:
         return json.load(f)
+
+
+# The question types and statement kinds of dataset/synthetic.py, told apart by their templates
+# (first match; tests/test_small_runs.py checks that every synthetic record has one).
+VQA_QUESTION_TYPES = (('left/right', 'to the left or to the right of'), ('above/below', 'above or below'),
+                      ('count', 'how many'), ('color', 'color'), ('shape', 'shape'),
+                      ('exists', 'is there'), ('relation yes/no', 'is the '))
+NLVR_KINDS = (('one image: colour + shape', 'image contains'),
+              ('both images: colour', 'both images contain'), ('count comparison', 'more shapes'))
+VE_KINDS = (('position', ' is at the '), ('size', ' is '))
+
+
+def _kind(text, kinds):
+    text = text.lower()
+    return next((name for name, phrase in kinds if phrase in text), 'other')
+
+
+def vqa_question_type(record):
+    return _kind(record['question'], VQA_QUESTION_TYPES)
+
+
+def nlvr_kind(record):
+    return _kind(record['sentence'], NLVR_KINDS)
+
+
+def ve_kind(record):
+    return _kind(record['sentence'], VE_KINDS)
+
+
+def merge_groups(model, levels):
+    """{group: {'n', 'value' (the model's), 'chance', 'text_only', ...}} from by_group() of the
+    model's per-record scores and the baselines' 'groups'."""
+    return {name: {'n': entry['n'], 'value': entry['mean'],
+                   **{k: v for k, v in levels[name].items() if k != 'n'}}
+            for name, entry in model.items()}
+
+
+def correct_labels(ctx, stage, records, images):
+    """1.0 / 0.0 per record: whether the stage's final model (its newest checkpoint, the one
+    the script's test accuracy is of) predicts the record's label, through the inference API;
+    `images(record)` gives what ALBEFInference.classify takes."""
+    import engine
+    from albef.api import ALBEFInference
+    model = ALBEFInference.from_checkpoint(engine.checkpoints(ctx.out(stage))[0], device=ctx.device)
+    correct = []
+    for record in records:
+        probs = model.classify(images(record), record['sentence'])
+        correct.append(float(max(probs, key=probs.get) == record['label']))
+    return correct
 
 
 class Context:
@@ -290,6 +349,22 @@ def results_table(results):
     return '\n'.join(lines)
 
 
+def groups_table(results):
+    """Per question type (VQA) and statement kind (NLVR2, SNLI-VE): the model's accuracy next
+    to the chance level and the text-only baseline of the same records."""
+    rows = [('task', 'type / kind', 'n', 'ALBEF', 'chance', 'text-only')]
+    for task in TASKS:
+        for name, g in (results.get(task) or {}).get('groups', {}).items():
+            rows.append((task, name, str(g['n']), *(f'{100 * g[k]:.1f}%' for k in
+                                                   ('value', 'chance', 'text_only'))))
+    if len(rows) == 1:
+        return ''
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ['  '.join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, '  '.join('-' * w for w in widths))
+    return '\n'.join(lines)
+
+
 @contextlib.contextmanager
 def in_directory(path):
     previous = os.getcwd()
@@ -392,6 +467,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     results = run(args.output_dir, args.device, args.seed, args.stages)
     print('\n' + results_table(results))
+    groups = groups_table(results)
+    if groups:
+        print('\n' + groups)
     print(f'\ntotal {format_seconds(results["total_seconds"])}; results, loss curves and '
           f'Grad-CAM overlays in {os.path.abspath(args.output_dir)}')
     return results

@@ -37,12 +37,37 @@ def _humans(ann):
     return ann['answer'] if isinstance(ann['answer'], list) else [ann['answer']]
 
 
-def vqa_baselines(train_ann, eval_ann, answer_list):
+def by_group(records, values, group):
+    """{group name: {'n': count, 'mean': mean of `values`}} over `records` (parallel to
+    `values`), grouped by `group(record)`, in order of first appearance."""
+    sums, counts = {}, collections.Counter()
+    for record, value in zip(records, values, strict=True):
+        name = group(record)
+        sums[name] = sums.get(name, 0.0) + value
+        counts[name] += 1
+    return {name: {'n': counts[name], 'mean': sums[name] / counts[name]} for name in sums}
+
+
+def _levels(records, scores, group):
+    """{'chance', 'text_only'...} means of per-record `scores` ({level: [score per record]}),
+    with 'groups' {name: {'n', level: mean}} when `group` is given."""
+    result = {level: sum(values) / len(values) for level, values in scores.items()}
+    if group is not None:
+        per_level = {level: by_group(records, values, group) for level, values in scores.items()}
+        result['groups'] = {name: {'n': entry['n'],
+                                   **{level: per_level[level][name]['mean'] for level in scores}}
+                            for name, entry in next(iter(per_level.values())).items()}
+    return result
+
+
+def vqa_baselines(train_ann, eval_ann, answer_list, group=None):
     """{'chance', 'text_only'} VQA accuracies on `eval_ann` (records with human answers).
 
     chance: the expected accuracy of an answer drawn uniformly from `answer_list`.
     text_only: for each question, the training answer most often given to the same (cleaned)
     question, falling back to the most frequent training answer for unseen questions.
+    With `group` (record -> name, e.g. a question type) also 'groups': {name: {'n', 'chance',
+    'text_only'}}.
     """
     by_question = collections.defaultdict(collections.Counter)
     overall = collections.Counter()
@@ -51,21 +76,24 @@ def vqa_baselines(train_ann, eval_ann, answer_list):
         by_question[pre_question(ann['question'])].update(answers)
         overall.update(answers)
     fallback = overall.most_common(1)[0][0]
-    chance, text_only = 0.0, 0.0
+    scores = {'chance': [], 'text_only': []}
     for ann in eval_ann:
         humans = _humans(ann)
-        chance += sum(answer_accuracy(a, humans) for a in answer_list) / len(answer_list)
+        scores['chance'].append(sum(answer_accuracy(a, humans) for a in answer_list) / len(answer_list))
         prior = by_question.get(pre_question(ann['question']))
-        text_only += answer_accuracy(prior.most_common(1)[0][0] if prior else fallback, humans)
-    return {'chance': chance / len(eval_ann), 'text_only': text_only / len(eval_ann)}
+        scores['text_only'].append(answer_accuracy(prior.most_common(1)[0][0] if prior else fallback,
+                                                   humans))
+    return _levels(eval_ann, scores, group)
 
 
-def classification_baselines(train_ann, eval_ann, text_key='sentence', label_key='label'):
+def classification_baselines(train_ann, eval_ann, text_key='sentence', label_key='label',
+                             group=None):
     """{'chance', 'majority', 'text_only'} accuracies on `eval_ann` (NLVR2, SNLI-VE).
 
     chance: uniform over the labels seen in training; majority: the most frequent training label;
     text_only: the training label most often paired with the same (cleaned) sentence, falling
-    back to the majority label.
+    back to the majority label. With `group` (record -> name, e.g. a statement kind) also
+    'groups': {name: {'n', 'chance', 'majority', 'text_only'}}.
     """
     overall = collections.Counter(ann[label_key] for ann in train_ann)
     by_text = collections.defaultdict(collections.Counter)
@@ -77,10 +105,12 @@ def classification_baselines(train_ann, eval_ann, text_key='sentence', label_key
         seen = by_text.get(pre_caption(ann[text_key], 10 ** 6))
         return seen.most_common(1)[0][0] if seen else majority
 
-    n = len(eval_ann)
-    return {'chance': 1 / len(overall),
-            'majority': sum(ann[label_key] == majority for ann in eval_ann) / n,
-            'text_only': sum(ann[label_key] == text_label(ann) for ann in eval_ann) / n}
+    scores = {'chance': [1 / len(overall)] * len(eval_ann),
+              'majority': [float(ann[label_key] == majority) for ann in eval_ann],
+              'text_only': [float(ann[label_key] == text_label(ann)) for ann in eval_ann]}
+    result = _levels(eval_ann, scores, group)
+    result['chance'] = 1 / len(overall)  # exact, not a mean of equal terms
+    return result
 
 
 def grounding_chance(refer, dets):

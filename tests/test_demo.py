@@ -65,6 +65,16 @@ def test_demo_runs_every_stage_then_skips_them(workdir, tmp_path, capsys):
 
     table = demo.results_table(results)
     assert all(task in table for task in demo.TASKS)
+    # per question type / statement kind: the records of each split, the model's accuracy there
+    # adding up to the task's metric (NLVR2 / SNLI-VE: the inference API's predictions agree
+    # with the script's evaluation)
+    for task in ('vqa', 'nlvr', 've'):
+        groups = results[task]['groups']
+        assert 'other' not in groups and all({'value', 'chance', 'text_only'} <= set(g) for g in groups.values())
+        total = sum(g['n'] for g in groups.values())
+        assert sum(g['n'] * g['value'] for g in groups.values()) / total == pytest.approx(results[task]['value'])
+        assert sum(g['n'] * g['text_only'] for g in groups.values()) / total == pytest.approx(results[task]['text_only'])
+    assert 'count' in demo.groups_table(results)
 
     # A second call finds every stage done: nothing is re-run, the figures are the same.
     again = demo.run(out, 'cpu', workdir=workdir)
