@@ -220,6 +220,10 @@ def registry_entry(name):
     entry = hub.lookup(name)
     if entry is None and not name.startswith(('http://', 'https://')):
         return None
+    if entry is not None and entry.kind not in MODELS:  # refused before a download
+        raise CheckpointError(f'{name!r} is the {entry.kind} initialisation for training, not an '
+                              f'ALBEF model: `albef list` shows the models (kinds '
+                              f'{", ".join(sorted(MODELS))})')
     return hub.resolve_checkpoint(name), entry.config if entry is not None else None
 
 

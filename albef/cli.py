@@ -238,5 +238,10 @@ def main(argv=None):
 def run(argv=None):
     """The `albef` console script: main(), with a wrong file, kind, config, device, image or
     argument reported as one line `error: ...` on stderr and exit status 2 (the full traceback
-    with --debug or ALBEF_DEBUG=1), as the task scripts."""
-    return utils.run(main, argv)
+    with --debug or ALBEF_DEBUG=1), as the task scripts.
+
+    From the command line (argv None) it returns exit status 0: the console script passes the
+    return value to sys.exit, which would print a result (rows, paths) and exit with 1. Called
+    with argv from Python it returns the command's result."""
+    result = utils.run(main, argv)
+    return 0 if argv is None else result

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -161,9 +162,10 @@ def test_released_names_resolve_through_the_hub(setup, tmp_path, monkeypatch):  
     torch.save({'model': {k: v for k, v in state.items() if not training_only(k)}},
                mirror / 'mscoco.pth')
     monkeypatch.setenv(hub.MIRROR_ENV, str(mirror))
-    entry = dataclasses.replace(hub.lookup('albef_mscoco'), config=str(data / 'retrieval.yaml'))
     real_lookup = hub.lookup
-    monkeypatch.setattr(hub, 'lookup', lambda name: entry if real_lookup(name) else None)
+    mscoco = dataclasses.replace(real_lookup('albef_mscoco'), config=str(data / 'retrieval.yaml'))
+    monkeypatch.setattr(hub, 'lookup', lambda name: mscoco if real_lookup(name) == real_lookup(
+        'albef_mscoco') else real_lookup(name))
     by_name = ALBEFInference.from_checkpoint('albef_mscoco', device='cpu')
     expected = reference('retrieval', setup).itm_scores(images[:2], CAPTIONS[:2])
     assert torch.allclose(by_name.itm_scores(images[:2], CAPTIONS[:2]), expected, atol=1e-6)
@@ -171,13 +173,18 @@ def test_released_names_resolve_through_the_hub(setup, tmp_path, monkeypatch):  
     assert type(model) is RetrievalALBEF
     manifest = run(['export', 'albef_mscoco', '--out', str(tmp_path / 'named')])
     assert manifest['source'] == 'albef_mscoco' and manifest['kind'] == 'retrieval'
+    with pytest.raises(CheckpointError, match='deit initialisation for training'):
+        load_model('deit_base_patch16_224', device='cpu')  # nothing downloaded
 
 
-def test_commands(setup, exports, tmp_path, capsys):  # noqa: F811
+def test_commands(setup, exports, tmp_path, capsys, monkeypatch):  # noqa: F811
     _, _, ckpts, images, _ = setup
     listed = run(['list'])
     out = capsys.readouterr().out
     assert listed and all(entry.name in out for entry in listed)
+    monkeypatch.setattr(sys, 'argv', ['albef', 'list'])
+    assert run() == 0  # the console script's sys.exit(run()): status 0, nothing on stderr
+    assert capsys.readouterr().err == ''
     manifest = run(['export', str(ckpts['vqa']), '--out', str(tmp_path / 'vqa'), '--dtype', 'bf16'])
     assert manifest['dtype'] == 'bf16' and (tmp_path / 'vqa' / WEIGHTS).is_file()
     # an export re-exported in another dtype
