@@ -248,7 +248,8 @@ def tokenizer_for(tokenizer, config):
 
 
 def open_model(name_or_path, config=None, tokenizer=None):
-    """(kind, model, config, tokenizer) of an export folder, a checkpoint file or a registry name."""
+    """(kind, model, config, tokenizer) of an export folder, a checkpoint file or a registry
+    name."""
     state_dict, stored, source, _ = source_state(name_or_path)
     config = source_config(config, stored, source)
     tokenizer = tokenizer_for(tokenizer, config)

@@ -146,7 +146,8 @@ def read_export(folder):
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f'{folder}: unreadable export manifest {MANIFEST} ({error})') from None
+        raise CheckpointError(f'{folder}: unreadable export manifest {MANIFEST} '
+                              f'({error})') from None
     if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
         raise CheckpointError(f'{folder / MANIFEST}: not an ALBEF export manifest')
     if manifest.get('version', VERSION) > VERSION:
