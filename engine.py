@@ -547,9 +547,12 @@ class Run:
         """Position the sampler for `epoch` (skipping the batches already done if it is the
         epoch being resumed), restore the RNG states once, and return the steps already done."""
         done = self._resume_at[1] if epoch == self._resume_at[0] else 0
-        sampler = self.loader.sampler
-        sampler.set_epoch(epoch)
-        sampler.start = done * self.loader.batch_size
+        if hasattr(self.loader.dataset, 'set_position'):  # a shard stream (dataset/shards.py)
+            self.loader.dataset.set_position(epoch, done)
+        else:
+            sampler = self.loader.sampler
+            sampler.set_epoch(epoch)
+            sampler.start = done * self.loader.batch_size
         if self._rng is not None:
             set_rng_state(self._rng)
             self._rng = None

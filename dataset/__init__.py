@@ -7,6 +7,7 @@ from dataset.grounding_dataset import grounding_dataset as _grounding_dataset
 from dataset.nlvr_dataset import nlvr_dataset as _nlvr_dataset
 from dataset.pretrain_dataset import check_evaluation_set
 from dataset.pretrain_dataset import pretrain_dataset as _pretrain_dataset
+from dataset.shards import PretrainShards, is_shard_pattern
 from dataset.transforms import create_transform
 from dataset.ve_dataset import ve_dataset as _ve_dataset
 from dataset.vqa_dataset import vqa_collate_fn
@@ -36,6 +37,11 @@ def _evaluation(dataset, config, key):
 
 def _pretrain(config):
     transform = create_transform('pretrain', config['image_res'], config.get('augment'))
+    files = config['train_file']
+    if any(is_shard_pattern(f) for f in ([files] if isinstance(files, str) else files)):
+        # webdataset shards (and JSONs beside them) as one stream that applies on_bad_sample itself
+        return PretrainShards(files, transform, max_words=config['max_words'],
+                              image_root=config['image_root'], on_bad_sample=_policy(config))
     return _train(_pretrain_dataset(config['train_file'], transform,
                                     max_words=config['max_words'], image_root=config['image_root'],
                                     on_bad_sample=_policy(config)), config)

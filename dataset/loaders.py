@@ -9,13 +9,16 @@ What makes a resumed epoch continue exactly:
   number of workers nor on where the run was resumed, and data loading never draws from the
   global RNGs that the training step uses (MLM masks, hard negatives);
 - no loader draws from the global RNG when an iterator is made (each has its own generator).
+Streams of webdataset shards (dataset/shards.py) split themselves between ranks and workers
+and resume exactly by their own rules (their batches also depend on the number of workers);
+train_loader gives them stream_loader.
 """
 import contextlib
 import random
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 
 def sample_seed(seed, epoch, position):
@@ -93,7 +96,10 @@ class SeededDataset(Dataset):
 
 def train_loader(dataset, batch_size, num_workers, seed, collate_fn=None, world_size=1, rank=0):
     """The training DataLoader of a resumable run: ResumableSampler over this process's rank,
-    per-sample seeds, the last incomplete batch dropped."""
+    per-sample seeds, the last incomplete batch dropped. A stream of shards (dataset/shards.py)
+    splits itself between ranks and workers instead."""
+    if isinstance(dataset, IterableDataset):
+        return stream_loader(dataset, batch_size, num_workers, seed, collate_fn, world_size, rank)
     sampler = ResumableSampler(dataset, world_size, rank, seed=seed)
     if len(sampler) < batch_size:
         raise ValueError(f'training dataset {type(dataset).__name__} has {len(sampler)} samples '
@@ -104,6 +110,18 @@ def train_loader(dataset, batch_size, num_workers, seed, collate_fn=None, world_
                       # Its own generator: creating an iterator must not draw from the global RNG
                       # (a resumed epoch creates one where the uninterrupted run did not).
                       generator=torch.Generator())
+
+
+def stream_loader(dataset, batch_size, num_workers, seed, collate_fn=None, world_size=1, rank=0):
+    """The training DataLoader of a dataset/shards.py stream: no sampler; the stream serves this
+    rank's batches, each worker whole batches (engine.Run.begin_epoch sets its position)."""
+    dataset.split(batch_size, world_size, rank, seed)
+    if dataset.steps_per_epoch == 0:
+        raise ValueError(f'training stream {type(dataset).__name__} has {dataset.num_samples} samples, '
+                         f'fewer than one batch of {batch_size} for each of {world_size} processes')
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                      collate_fn=collate_fn, drop_last=True, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0, generator=torch.Generator())
 
 
 def eval_loader(dataset, batch_size, num_workers, collate_fn=None, world_size=1, rank=0,
