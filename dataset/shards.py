@@ -32,6 +32,8 @@ A bad sample (undecodable image, missing or empty caption, unreadable tar data) 
 on_bad_sample as the JSON datasets do: 'fail' raises naming the shard and key; 'skip' counts
 it (dataset.faults.skipped_samples) and serves the next good sample of the stream in its place,
 so that batches keep their size and later positions do not move (which keeps resuming exact).
+MAX_CONSECUTIVE_BAD unusable samples in a row stop the run, as for JSON records; a shard that
+is not a readable tar when it is counted stops it at the start.
 """
 import bisect
 import io

@@ -5,6 +5,7 @@ Pretrain.py on shards, killed and resumed, against an uninterrupted run."""
 import io
 import json
 import logging
+import shutil
 import sys
 import tarfile
 from collections import Counter
@@ -12,8 +13,9 @@ from collections import Counter
 import pytest
 from PIL import Image
 
+import Pretrain_nlvr
 from dataset import create_dataset
-from dataset.faults import skipped_samples
+from dataset.faults import SampleError, skipped_samples
 from dataset.images import ImageLoadError
 from dataset.loaders import train_loader
 from dataset.pretrain_dataset import pretrain_dataset
@@ -182,6 +184,23 @@ def test_bad_sample_fails_naming_shard_and_key(damaged):
         list(dataset)
 
 
+def test_shard_cut_short(data, tmp_path):
+    for k in range(5):
+        (tmp_path / f'{k:05d}.tar').write_bytes((data / 'pretrain' / f'{k:05d}.tar').read_bytes())
+    datasets = {policy: PretrainShards([str(tmp_path / PATTERN)], create_transform('test', 32),
+                                       on_bad_sample=policy) for policy in ('skip', 'fail')}
+    damaged = tmp_path / '00002.tar'
+    content = damaged.read_bytes()
+    damaged.write_bytes(content[:len(content) * 6 // 10])
+    # cut after the samples were counted: the positions it no longer holds are bad samples
+    assert len(list(datasets['skip'])) == SAMPLES and 0 < skipped_samples(datasets['skip']) < 5
+    with pytest.raises(SampleError, match=r'cannot read shard .*00002\.tar after \d samples: ReadError'):
+        list(datasets['fail'])
+    # a shard that cannot be counted stops the run before training
+    with pytest.raises(ValueError, match=r'shard .*00002\.tar is not a readable tar file'):
+        PretrainShards([str(tmp_path / PATTERN)], create_transform('test', 32))
+
+
 def test_without_webdataset_the_error_names_the_extra(data, monkeypatch):
     monkeypatch.setitem(sys.modules, 'webdataset', None)  # import fails as if not installed
     config = tiny_config('Pretrain.yaml', data / 'data', data / 'no_wds.yaml',
@@ -244,3 +263,30 @@ def test_pretrain_on_shards_killed_and_resumed_equals_uninterrupted(data, tmp_pa
     pretrain_here(config, killed, resume_run=True)
     assert 'epoch 0 after step 3' in caplog.text
     assert_same_training_state(whole, killed)
+
+
+def test_pretrain_on_shards_two_processes_resumed_inside_an_epoch(data, tmp_path):
+    config = tmp_path / 'pretrain.yaml'
+    # 3 steps per epoch and rank, one loader worker each; a step checkpoint after every step
+    tiny_config('Pretrain.yaml', data / 'data', config, train_file=[str(data / 'pretrain' / PATTERN)],
+                batch_size=4, queue_size=16, num_workers=1, checkpoint_every_steps=1,
+                schedular=dict(epochs=2, warmup_epochs=1))
+    whole, resumed = tmp_path / 'whole', tmp_path / 'resumed'
+    result = pretrain(config, whole, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the uninterrupted run's checkpoint after step 1 of epoch 1, continued in another folder
+    # (tests/test_resume.py kills real processes of the same path)
+    resumed.mkdir()
+    shutil.copy(whole / 'checkpoint_01_step000001.pth', resumed)
+    result = pretrain(config, resumed, nproc=2, resume_run=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_training_state(whole, resumed)
+
+
+def test_text_assignment_pretraining_on_shards_logs_skipped_samples(data, damaged, tmp_path):
+    config = tmp_path / 'ta.yaml'
+    tiny_config('NLVR_pretrain.yaml', data / 'data', config, train_file=[str(damaged / PATTERN)],
+                batch_size=8, num_workers=0, schedular=dict(epochs=1))
+    Pretrain_nlvr.main(['--config', str(config), '--output_dir', str(tmp_path / 'out'), '--device', 'cpu'])
+    log = [json.loads(line) for line in (tmp_path / 'out' / 'log.txt').read_text().splitlines()]
+    assert [(entry['epoch'], entry['skipped_samples']) for entry in log] == [(0, 1)]
