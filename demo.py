@@ -270,39 +270,21 @@ class Context:
         return default_block(load_bert_config(load_config(os.path.join(CONFIGS, 'Grounding.yaml'))))
 
 
-def read_log(folder):
-    path = os.path.join(folder, 'log.txt')
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def plot_losses(ctx):
-    """One PNG per training stage: its per-epoch training losses from log.txt."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    """One PNG per training stage: its training losses per step (tools/plot_log.py)."""
+    from tools.plot_log import plot_runs
 
     written = []
     for stage in ('pretrain', 'retrieval', 'vqa', 'nlvr_pretrain', 'nlvr', 've', 'grounding'):
-        epochs = [entry for entry in read_log(ctx.out(stage)) if 'epoch' in entry]
-        names = sorted({k for e in epochs for k in e if k.startswith('train_loss')})
-        if not epochs or not names:
+        folder = ctx.out(stage)
+        if not os.path.isdir(folder) or not (os.path.isfile(os.path.join(folder, 'log.txt')) or
+                                             os.path.isfile(os.path.join(folder, 'log_steps.jsonl'))):
             continue
-        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-        for name in names:
-            points = [(e['epoch'], float(e[name])) for e in epochs if name in e]
-            ax.plot(*zip(*points), marker='o', label=name.removeprefix('train_'))
-        ax.set_xlabel('epoch')
-        ax.set_ylabel('training loss')
-        ax.set_title(stage)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(ctx.output_dir, f'loss_{stage}.png')
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
+        try:
+            written.append(plot_runs([folder], os.path.join(ctx.output_dir, f'loss_{stage}.png'),
+                                     title=stage, smooth=5))
+        except ValueError:  # a stage that logged no training loss (evaluation only)
+            continue
     return written
 
 

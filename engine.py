@@ -30,6 +30,7 @@ import math
 import os
 import random
 import re
+import time
 
 import numpy as np
 import torch
@@ -135,7 +136,9 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, epoch, device, 
     runs the model and names its losses (e.g. loss_mlm, loss_ita, loss_itm); they are summed
     with equal weights. alpha is config['alpha'] (None if the config has none), ramped linearly
     from 0 over epoch 0 when `warm_up`. `warmup_steps` is in iterations:
-    100 * schedular.warmup_epochs. config's `precision` and `accum_steps` apply (absent: fp32, 1);
+    100 * schedular.warmup_epochs. A scheduler whose `per_step` is true (schedular.step_every:
+    step) is instead given the optimiser steps done in the run after every optimiser step
+    (`step_update`). config's `precision` and `accum_steps` apply (absent: fp32, 1);
     `scaler` (a GradScaler, fp16) scales the loss.
 
     With `accum_steps` N > 1, N consecutive batches make one optimiser step (global batch
@@ -214,6 +217,8 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, epoch, device, 
             lr_scheduler.step(step // WARMUP_STEP_SIZE)
         # Step checkpoints only between optimiser steps (no half-accumulated gradients are lost).
         if hooks is not None and micro == group - 1:
+            if finite:
+                hooks.log_step(epoch, i + 1, values, optimizer.param_groups[0]['lr'], micro_batches=group)
             hooks.step_done(epoch, i + 1)
 
     metric_logger.synchronize_between_processes()
@@ -352,6 +357,7 @@ def setup(args, task):
     utils.set_seed(args.seed)
     set_cpu_threads(config['threads'], args.device)
     utils.save_config(config, os.path.join(args.output_dir, 'config.yaml'))
+    utils.save_run_info(args.output_dir, utils.run_info())
     torch.backends.cudnn.benchmark = True
     return Run(config, args.output_dir, task, device=args.device, seed=args.seed,
                checkpoint=checkpoint, resume=args.resume,
@@ -421,6 +427,8 @@ class Run:
         self._skipped_samples_logged = 0  # bad samples skipped by this process's loaders, logged
         exit_after = os.environ.get(EXIT_AFTER_STEPS_ENV)
         self._exit_after = int(exit_after) if exit_after else None
+        # per-step scalars (utils.StepLog), opened when the first epoch trains
+        self.step_log, self._last_step_time = None, None
 
     # -- data ------------------------------------------------------------------------------
 
@@ -569,6 +577,10 @@ class Run:
         if epoch > 0 and not getattr(self.lr_scheduler, 'per_step', False):
             self.lr_scheduler.step(epoch + self.config['schedular']['warmup_epochs'])
         start_step = self.begin_epoch(epoch)
+        if self.step_log is None:
+            self.step_log = utils.StepLog(self.output_dir, self.config['tensorboard'],
+                                          flush_every=self.config['print_freq'])
+        self._last_step_time = None  # the first step of an epoch includes the loaders' start
         if start_step == self.steps_per_epoch:
             logger.info('epoch %d was trained before the checkpoint: its evaluation follows', epoch)
             return self._train_stats
@@ -620,6 +632,8 @@ class Run:
 
     def finish(self, metric_name=None):
         """Log the best epoch (scripts that keep one) and leave the process group."""
+        if self.step_log is not None:
+            self.step_log.close()
         if self.best_epoch is not None:
             logger.info('best epoch: %d (%s %.4f)', self.best_epoch, metric_name, self.best_value)
             utils.append_log(self.output_dir, {'best_epoch': self.best_epoch})
@@ -642,6 +656,8 @@ class Run:
     def _save(self, path, epoch, next_position, train_stats=None):
         # 'epoch' keeps the released meaning at an epoch end; in a step checkpoint it is the
         # running epoch. Resuming reads the position from 'resume'.
+        if self.step_log is not None:  # the step log holds every step a resume will not redo
+            self.step_log.flush()
         rng = utils.all_gather_objects(rng_state())
         optimizer_state = optimizer_state_dict(self.optimizer)  # every rank: ZeRO gathers shards
         if utils.is_main_process():
@@ -682,6 +698,21 @@ class Run:
         where = (f'the last good checkpoint is {self.last_checkpoint} (continue with --resume)'
                  if self.last_checkpoint else 'no checkpoint was written yet')
         return f'; the run stops{budget}: {where}'
+
+    def log_step(self, epoch, steps_done, losses, lr, micro_batches=1):
+        """One record of log_steps.jsonl (and TensorBoard): the step's losses (its last
+        micro-batch's), lr, samples/s over all ranks since the previous record, peak memory."""
+        if self.step_log is None:
+            return
+        now = time.perf_counter()
+        seconds, self._last_step_time = now - (self._last_step_time or now), now
+        record = {**losses, 'lr': lr}
+        if seconds > 0:
+            samples = self.loader.batch_size * micro_batches * utils.get_world_size()
+            record['samples_per_s'] = samples / seconds
+        if self.device.type == 'cuda':
+            record['max_mem_mb'] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        self.step_log.write(epoch * self.steps_per_epoch + steps_done, epoch, **record)
 
     def step_done(self, epoch, steps_done):
         """After each step: the step checkpoint when due."""

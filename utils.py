@@ -201,6 +201,9 @@ KEYS = {
                                   for task in TASKS}),
     'skip_nonfinite_steps': Key((int,), 'steps with a NaN/inf loss skipped before stopping',
                                 low=0, default=0),
+    # logs: log.txt (per epoch) and log_steps.jsonl (per step) are always written
+    'tensorboard': Key((bool,), 'also write the per-step scalars as TensorBoard events '
+                       '(output_dir/tensorboard; the tensorboard package)', default=False),
 }
 AUGMENT = {  # training augmentation; each absent key keeps the original recipe
     'crop_scale': Key((list,), 'RandomResizedCrop area range [low, high]', items=float),
@@ -761,6 +764,124 @@ def append_log(output_dir, stats):
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, 'log.txt'), 'a') as f:
         f.write(json.dumps(stats, default=_to_json) + '\n')
+
+
+class StepLog:
+    """Per-step scalars of a training run (main process only): one JSON line per optimiser
+    step in output_dir/log_steps.jsonl, always; TensorBoard events in output_dir/tensorboard
+    as well with `tensorboard=True`. Lines are flushed every `flush_every` steps and on close,
+    so a killed run loses at most those."""
+
+    FILE = 'log_steps.jsonl'
+
+    def __init__(self, output_dir, tensorboard=False, flush_every=50):
+        self.file = self.writer = None
+        self.flush_every, self._unflushed = flush_every, 0
+        if not is_main_process():
+            return
+        self.file = open(os.path.join(output_dir, self.FILE), 'a')
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise ConfigError('tensorboard: true needs the tensorboard package '
+                                  '(pip install tensorboard)') from error
+            self.writer = SummaryWriter(os.path.join(output_dir, 'tensorboard'))
+
+    def write(self, step, epoch, **scalars):
+        """Record `scalars` (name -> number) of global optimiser step `step`."""
+        if self.file is None:
+            return
+        self.file.write(json.dumps({'step': step, 'epoch': epoch, **scalars}, default=_to_json) + '\n')
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(f'train/{name}', value, step)
+        self._unflushed += 1
+        if self._unflushed >= self.flush_every:
+            self.flush()
+
+    def flush(self):
+        if self.file is not None:
+            self.file.flush()
+            if self.writer is not None:
+                self.writer.flush()
+            self._unflushed = 0
+
+    def close(self):
+        if self.file is not None:
+            self.flush()
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()
+            self.file = self.writer = None
+
+
+def read_step_log(output_dir):
+    """The records of output_dir/log_steps.jsonl; a resumed run's repeated steps keep their
+    last record (what the final model was trained with), in step order."""
+    path = os.path.join(output_dir, StepLog.FILE)
+    if not os.path.isfile(path):
+        return []
+    records = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                records[record['step']] = record
+    return [records[step] for step in sorted(records)]
+
+
+def run_info(argv=None):
+    """What reproduces a run: command line, git commit, library versions, processes, devices.
+    Every rank calls it (device names are gathered)."""
+    import importlib.metadata
+    import platform
+    import socket
+    versions = {}
+    for package in ('torch', 'timm', 'transformers', 'tokenizers', 'numpy', 'pillow',
+                    'ruamel.yaml', 'webdataset', 'safetensors'):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available() and torch.cuda.is_initialized()
+              else platform.processor() or platform.machine())
+    return {'argv': list(sys.argv if argv is None else argv),
+            'started': datetime.datetime.now().isoformat(timespec='seconds'),
+            'git_commit': _git_commit(), 'python': platform.python_version(), 'versions': versions,
+            'world_size': get_world_size(),
+            'hosts_and_devices': all_gather_objects(f'{socket.gethostname()}: {device}')}
+
+
+def _git_commit():
+    """The commit of the repository this file is in (with '+changes' when the tree differs),
+    None outside a git checkout."""
+    import subprocess
+    root = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ('+changes' if dirty else '')
+
+
+def save_run_info(output_dir, info):
+    """Append `info` to output_dir/run_info.json ({"runs": [...]}: a resumed run adds its own
+    start), atomically, on the main process."""
+    if not is_main_process():
+        return
+    path = os.path.join(output_dir, 'run_info.json')
+    runs = []
+    if os.path.isfile(path):
+        with contextlib.suppress(ValueError, OSError), open(path) as f:
+            runs = json.load(f).get('runs', [])
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump({'runs': [*runs, info]}, f, indent=1, default=_to_json)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
