@@ -63,7 +63,8 @@ def refused(data, name, config_path, tmp_path, error, match, *extra):
         module.main(['--config', str(config_path), '--output_dir', str(out), '--device', 'cpu',
                      *args, *extra])
     written = {p.name for p in out.iterdir()} if out.exists() else set()
-    assert written <= {'config.yaml', 'train.log'}, written  # no log.txt, checkpoint, results
+    # no log.txt, checkpoint or results
+    assert written <= {'config.yaml', 'train.log', 'run_info.json'}, written
     if (out / 'train.log').exists():
         assert 'Train Epoch' not in (out / 'train.log').read_text()
     return str(raised.value)
