@@ -4,7 +4,6 @@ Training records `{"image", "text"}` are trained like retrieval pairs, with the 
 test records add `"ref_id"`, whose ground truth (box, split, image size) comes from the REFER
 files read by `load_refer`.
 """
-import json
 import os
 import pickle
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from torch.utils.data import Dataset
 
 from dataset.faults import require_text
 from dataset.images import load_image
-from dataset.pretrain_dataset import check_fields, load_annotations
+from dataset.pretrain_dataset import check_fields, load_annotations, read_json
 from dataset.utils import pre_caption
 
 MODES = ('train', 'test')
@@ -127,13 +126,7 @@ def load_refer(refcoco_data_dir, dataset='refcoco+', split_by='unc'):
     refs = _load_refs(refs_path)
     if not isinstance(refs, list):
         raise ValueError(f'REFER refs file {refs_path} must hold a list, got {type(refs).__name__}')
-    try:
-        with open(instances_path, 'r', encoding='utf-8') as f:
-            instances = json.load(f)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f'REFER instances file not found: {instances_path}') from error
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f'REFER instances file {instances_path} is not valid JSON: {error}') from error
+    instances = read_json(instances_path, 'REFER instances file')
     check_fields(instances, instances_path, images=list, annotations=list)
 
     images, anns = {}, {}
@@ -165,13 +158,7 @@ def load_dets(path):
     """The detection proposals of `path` (the config's det_file): a JSON object mapping an image
     id (as a string) to its boxes [x, y, w, h, ...]. The boxes of the test images are checked by
     grounding_eval.check_inputs."""
-    try:
-        with open(path, 'r', encoding='utf-8') as f:
-            dets = json.load(f)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f'det_file not found: {path}') from error
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f'det_file {path} is not valid JSON: {error}') from error
+    dets = read_json(path, 'det_file')
     if not isinstance(dets, dict):
         raise ValueError(f'det_file {path} must hold a JSON object (image id -> boxes), '
                          f'got {type(dets).__name__}')

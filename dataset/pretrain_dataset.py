@@ -17,15 +17,21 @@ from dataset.utils import pre_caption
 logger = logging.getLogger(__name__)
 
 
-def load_json_list(path):
-    """Read a JSON file that must hold a list; errors name the file."""
+def read_json(path, what='annotation file'):
+    """The content of the JSON file `path`; a missing or malformed file is an error naming
+    `what` and the path."""
     try:
         with open(path, 'r', encoding='utf-8') as f:
-            records = json.load(f)
+            return json.load(f)
     except FileNotFoundError as error:
-        raise FileNotFoundError(f'annotation file not found: {path}') from error
+        raise FileNotFoundError(f'{what} not found: {path}') from error
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f'annotation file {path} is not valid JSON: {error}') from error
+        raise ValueError(f'{what} {path} is not valid JSON: {error}') from error
+
+
+def load_json_list(path):
+    """Read a JSON file that must hold a list; errors name the file."""
+    records = read_json(path)
     if not isinstance(records, list):
         raise ValueError(f'annotation file {path} must hold a JSON list, got {type(records).__name__}')
     return records
