@@ -338,6 +338,12 @@ def setup(args, task):
     evaluate = getattr(args, 'evaluate', False)
     if evaluate and not args.checkpoint:
         raise utils.ConfigError('--evaluate needs --checkpoint (the checkpoint to evaluate)')
+    paired = not args.config
+    if paired:
+        args.config = paired_config(args.checkpoint, task) if evaluate else None
+        if not args.config:
+            raise utils.ConfigError('--config is required (it may be left out only with '
+                                    '--evaluate and a released --checkpoint name)')
     if not args.resume and not evaluate:
         refuse_previous_run(args.output_dir)
     utils.init_distributed_mode(args)
@@ -352,6 +358,9 @@ def setup(args, task):
     if utils.is_main_process():
         remove_partial_checkpoints(args.output_dir)
     utils.setup_logging(args.output_dir)
+    if paired:
+        logger.info('--checkpoint %s is evaluated with the config it pairs with: %s',
+                    args.checkpoint, args.config)
     if checkpoint:
         log_resolved(args.checkpoint, checkpoint, config, evaluate)
     utils.set_seed(args.seed)
@@ -370,6 +379,22 @@ def set_cpu_threads(threads, device):
     if threads is not None and torch.device(device).type == 'cpu':
         torch.set_num_threads(threads)
         logger.info('threads: %d intra-op CPU threads', threads)
+
+
+# The task script each task is run by (the registry names the script a released file is for).
+TASK_SCRIPT = {'pretrain': 'Pretrain.py', 'pretrain_nlvr': 'Pretrain_nlvr.py',
+               'retrieval': 'Retrieval.py', 'grounding': 'Grounding.py', 'vqa': 'VQA.py',
+               'nlvr': 'NLVR.py', 've': 'VE.py'}
+
+
+def paired_config(checkpoint, task):
+    """The repository config a released checkpoint name pairs with when evaluated by `task`'s
+    script (e.g. albef_flickr30k -> configs/Retrieval_flickr.yaml), else None."""
+    from albef.hub import lookup  # albef imports this module
+    entry = lookup(checkpoint) if checkpoint else None
+    if entry is None or entry.script != TASK_SCRIPT.get(task):
+        return None
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), entry.config)
 
 
 def refuse_previous_run(output_dir):

@@ -492,7 +492,9 @@ def get_args_parser(doc, evaluate=True):
     description, _, examples = doc.strip().partition('\n\n')
     parser = argparse.ArgumentParser(description=description, epilog=examples.strip() or None,
                                      formatter_class=HelpFormatter)
-    parser.add_argument('--config', required=True, help='task YAML file (configs/*.yaml)')
+    parser.add_argument('--config', default=None,
+                        help='task YAML file (configs/*.yaml); may be left out with --evaluate '
+                             'and a released --checkpoint name: the config it pairs with')
     parser.add_argument('--output_dir', required=True,
                         help='folder for log.txt, config.yaml, checkpoints and results')
     parser.add_argument('--checkpoint', default='',

@@ -334,3 +334,19 @@ def _worker(url, cache_dir):
 
 if __name__ == '__main__':
     _worker(*sys.argv[1:3])
+
+
+def test_a_released_name_evaluates_with_its_paired_config_when_none_is_given(tmp_path):
+    import os
+
+    import Retrieval
+    import engine
+    import utils
+    flickr = engine.paired_config('albef_flickr30k', 'retrieval')
+    assert flickr.endswith(os.path.join('configs', 'Retrieval_flickr.yaml')) and os.path.isfile(flickr)
+    assert engine.paired_config('refcoco.pth', 'grounding').endswith('Grounding.yaml')
+    assert engine.paired_config('albef_refcoco', 'retrieval') is None  # another script's file
+    assert engine.paired_config(str(tmp_path / 'mine.pth'), 've') is None
+    with pytest.raises(utils.ConfigError, match='--config is required'):
+        Retrieval.main(['--output_dir', str(tmp_path / 'out'), '--checkpoint', 'albef_flickr30k'])
+    assert not (tmp_path / 'out').exists()
