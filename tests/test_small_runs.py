@@ -21,6 +21,7 @@ from dataset.synthetic import generate
 from dataset.vqa_dataset import vqa_dataset, vqa_test_collate_fn
 from models.tokenization_bert import BertTokenizer
 from scheduler import create_scheduler
+from tests.test_faults import Toy
 from tools import build_vocab
 
 PER_STEP = {'sched': 'cosine', 'lr': 1e-2, 'epochs': 3, 'min_lr': 1e-4, 'warmup_lr': 1e-3,
@@ -90,16 +91,6 @@ def test_config_schema_has_the_schedule_keys():
     assert utils.validate(stepped, 've')['schedular']['warmup_steps'] == 10
     with pytest.raises(utils.ConfigError, match="schedular.step_every = 'iteration'"):
         utils.validate(utils.apply_overrides(config, ['schedular.step_every=iteration']), 've')
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.linear = nn.Linear(4, 1)
-
-    def forward(self, x):
-        return self.linear(x).squeeze(1)
 
 
 def toy_training(output_dir, resume=False, accum=2, n=22):
