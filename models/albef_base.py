@@ -59,10 +59,7 @@ def finite_sampling_weights(weights):
     and the run's non-finite-loss policy (skip or stop) decides, instead of torch.multinomial
     failing first. NOTE(fixed): finite rows, hence the random draws, are unchanged; no host sync."""
     finite_rows = torch.isfinite(weights).all(dim=1, keepdim=True)
-    uniform = torch.ones_like(weights)
-    if weights.size(0) == weights.size(1):
-        uniform.fill_diagonal_(0)
-    return torch.where(finite_rows, weights, uniform)
+    return torch.where(finite_rows, weights, _uniform_off_diagonal(weights))
 
 
 def sample_negatives(weights):
@@ -76,38 +73,76 @@ def sample_negatives(weights):
 
 def sample_negatives_batched(weights):
     """One index per row of `weights` (B, B) in a single call: the same distribution as
-    `sample_negatives`, no per-row launch or host sync, a different random stream."""
-    return torch.multinomial(finite_sampling_weights(weights), 1).squeeze(1)
+    `sample_negatives`, no per-row launch or host sync, a different random stream.
+
+    The draw is torch.multinomial(weights, 1)'s own for one sample per row, argmax of
+    weights / Exponential(1) noise from the same generator, written out because
+    torch.multinomial first checks the weights with `.item()` calls (two host syncs on a
+    GPU). Same indices and random stream as torch.multinomial (tested on CPU and CUDA). A row
+    without positive weight (retrieval: every sample of the batch shares the anchor's image
+    id), where torch.multinomial raised, draws uniformly from the other columns instead.
+    """
+    weights = finite_sampling_weights(weights)
+    weights = torch.where(weights.sum(dim=1, keepdim=True) > 0, weights, _uniform_off_diagonal(weights))
+    noise = torch.empty_like(weights).exponential_(1)
+    return (weights / noise).argmax(dim=1)
+
+
+def _uniform_off_diagonal(weights):
+    uniform = torch.ones_like(weights)
+    if weights.size(0) == weights.size(1):
+        uniform.fill_diagonal_(0)
+    return uniform
 
 
 def mask_tokens(input_ids, vocab_size, tokenizer, mlm_probability, targets=None,
-                masked_indices=None, probability_matrix=None):
+                masked_indices=None, probability_matrix=None, candidates=False):
     """BERT masking (80% [MASK], 10% random token, 10% unchanged) of a copy of `input_ids`.
 
     Returns (masked_ids, targets) on the device of `input_ids`; targets are -100 where nothing
     is predicted. NOTE(faithful): every draw covers the full (B, L) shape and comes from the CPU
     generator in the original order (selection, replace, random, random ids), whatever the
-    device, so masking is identical on CPU and GPU.
+    device, so masking is identical on CPU and GPU. The draws do not depend on the ids: they
+    are made on the CPU, sent to the ids' device in one non-blocking copy and combined with
+    the ids there, so the ids never travel back to the host (no host sync on a GPU).
+
+    With `candidates`, also returns the flat positions (P,) on that device that the selection
+    draw picked before [PAD] and [CLS] are excluded: a superset of the predicted positions
+    (targets != -100), in order, known without reading the ids.
     """
     device = input_ids.device
-    ids = input_ids.detach().to('cpu', copy=True)
+    shape = input_ids.shape
     if probability_matrix is None:
-        probability_matrix = torch.full(ids.shape, mlm_probability)
+        probability_matrix = torch.full(shape, mlm_probability)
     if masked_indices is None:
         masked_indices = torch.bernoulli(probability_matrix).bool()
-    masked_indices = masked_indices.cpu().clone()
-    masked_indices[ids == tokenizer.pad_token_id] = False
-    masked_indices[ids == tokenizer.cls_token_id] = False
+    masked_indices = masked_indices.cpu()
+    replaced = torch.bernoulli(torch.full(shape, 0.8)).bool()
+    randomised = torch.bernoulli(torch.full(shape, 0.5)).bool()
+    random_words = torch.randint(vocab_size, shape, dtype=torch.long)
+    draws = to_device(torch.stack([masked_indices.long(), replaced.long(), randomised.long(),
+                                   random_words]), device)
+    selected, replaced, randomised, random_words = draws.unbind(0)
+    selected = (selected.bool() & (input_ids != tokenizer.pad_token_id)
+                & (input_ids != tokenizer.cls_token_id))
+    replaced = replaced.bool() & selected
+    randomised = randomised.bool() & selected & ~replaced
+    ids = torch.where(replaced, tokenizer.mask_token_id, input_ids.detach())
+    ids = torch.where(randomised, random_words, ids)
+    out = (ids,)
     if targets is not None:
-        targets = targets.detach().to('cpu', copy=True)
-        targets[~masked_indices] = -100
-    replaced = torch.bernoulli(torch.full(ids.shape, 0.8)).bool() & masked_indices
-    ids[replaced] = tokenizer.mask_token_id
-    randomised = torch.bernoulli(torch.full(ids.shape, 0.5)).bool() & masked_indices & ~replaced
-    random_words = torch.randint(vocab_size, ids.shape, dtype=torch.long)
-    ids[randomised] = random_words[randomised]
-    ids = ids.to(device)
-    return (ids, targets.to(device)) if targets is not None else ids
+        out += (torch.where(selected, targets.detach().to(device), -100),)
+    if candidates:
+        out += (to_device(masked_indices.flatten().nonzero().squeeze(1), device),)
+    return out if len(out) > 1 else ids
+
+
+def to_device(tensor, device):
+    """A CPU tensor on `device`; to a GPU through pinned memory without waiting (the pinned
+    block is not reused before the copy is done)."""
+    if torch.device(device).type == 'cuda':
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 class ALBEFBase(nn.Module):
@@ -231,7 +266,6 @@ class ALBEFBase(nn.Module):
         image_feats = concat_all_gather(image_feat)
         text_feats = concat_all_gather(text_feat)
         batch_size = image_feats.shape[0]
-        ptr = int(self.queue_ptr)
         if self.queue_size % batch_size != 0:
             raise ValueError(f'queue_size {self.queue_size} is not a multiple of the global '
                              f'batch size {batch_size}')
@@ -239,13 +273,18 @@ class ALBEFBase(nn.Module):
         # non-finite policy may skip) leaves its queue slot as it was: one NaN entry would make
         # every later contrastive loss NaN. Finite features are written as in the original.
         finite = (torch.isfinite(image_feats).all(dim=1) & torch.isfinite(text_feats).all(dim=1))[None]
-        window = slice(ptr, ptr + batch_size)
-        self.image_queue[:, window] = torch.where(finite, image_feats.T, self.image_queue[:, window])
-        self.text_queue[:, window] = torch.where(finite, text_feats.T, self.text_queue[:, window])
+        # The columns ptr .. ptr + batch - 1, indexed with the pointer tensor itself: the
+        # original's int(queue_ptr) waits for the device (a host sync) at every step.
+        window = self.queue_ptr + torch.arange(batch_size, device=self.queue_ptr.device)
+
+        def write(queue, columns):
+            queue.index_copy_(1, window, torch.where(finite, columns.to(queue.dtype),
+                                                     queue.index_select(1, window)))
+        write(self.image_queue, image_feats.T)
+        write(self.text_queue, text_feats.T)
         if idx is not None:
-            self.idx_queue[:, window] = torch.where(finite, concat_all_gather(idx).T,
-                                                    self.idx_queue[:, window])
-        self.queue_ptr[0] = (ptr + batch_size) % self.queue_size
+            write(self.idx_queue, concat_all_gather(idx).T)
+        self.queue_ptr.copy_((self.queue_ptr + batch_size) % self.queue_size)
 
     def register_queues(self, embed_dim, queue_size, with_idx=False):
         self.register_buffer('image_queue', F.normalize(torch.randn(embed_dim, queue_size), dim=0))
@@ -265,3 +304,21 @@ def hard_negative_batch(text_embeds, text_atts, image_embeds, neg_img_idx, neg_t
     text_atts_all = torch.cat([text_atts, text_atts[neg_txt_idx]], dim=0)
     image_embeds_all = torch.cat([image_embeds[neg_img_idx], image_embeds], dim=0)  # (2B, N, Dv)
     return text_embeds_all, text_atts_all, image_embeds_all
+
+
+def itm_labels(bs, device):
+    """ITM targets of B positives then 2B negatives, made on the device (a copy from the
+    host's pageable memory would wait for the device)."""
+    return torch.cat([torch.ones(bs, dtype=torch.long, device=device),
+                      torch.zeros(2 * bs, dtype=torch.long, device=device)])
+
+
+def sparse_embedding(ids, embedding):
+    """`embedding`(ids) with a sparse weight gradient that skips the padding row, as
+    F.embedding(..., padding_idx, sparse=True) computes it, but without its host sync (that
+    backward drops the padding positions by boolean indexing): the padding positions send a
+    zero gradient instead, which adds nothing to the dense gradient it joins."""
+    out = F.embedding(ids, embedding.weight, sparse=True)
+    if embedding.padding_idx is None:
+        return out
+    return torch.where((ids == embedding.padding_idx).unsqueeze(-1), out.detach(), out)

@@ -6,10 +6,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.albef_base import (ALBEFBase, build_text_model, fit_tokenizer, hard_negative_batch,
-                               itc_loss, load_bert_config, mask_tokens, sample_negatives,
-                               sample_negatives_batched)
+                               itc_loss, itm_labels, load_bert_config, mask_tokens,
+                               sample_negatives, sample_negatives_batched, sparse_embedding)
 from models.pretrained import load_deit_weights
-from models.xbert import BertForMaskedLM, masked_lm_loss
+from models.xbert import BertForMaskedLM, gather_rows, masked_lm_loss
 
 
 class ALBEF(ALBEFBase):
@@ -112,15 +112,13 @@ class ALBEF(ALBEFBase):
         output_neg = self.fusion(text_embeds_all, text_atts_all, image_embeds_all)
         vl_embeddings = torch.cat([output_pos[:, 0], output_neg[:, 0]], dim=0)  # (3B, D)
         vl_output = self.itm_head(vl_embeddings)
-        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long),
-                                torch.zeros(2 * bs, dtype=torch.long)]).to(image_embeds.device)
-        return F.cross_entropy(vl_output, itm_labels)
+        return F.cross_entropy(vl_output, itm_labels(bs, image_embeds.device))
 
     def mask(self, input_ids, vocab_size, device, targets=None, masked_indices=None,
-             probability_matrix=None):
+             probability_matrix=None, candidates=False):
         out = mask_tokens(input_ids, vocab_size, self.tokenizer, self.mlm_probability, targets,
-                          masked_indices, probability_matrix)
-        return tuple(t.to(device) for t in out) if targets is not None else out.to(device)
+                          masked_indices, probability_matrix, candidates)
+        return tuple(t.to(device) for t in out) if isinstance(out, tuple) else out.to(device)
 
     def forward_mlm(self, input_ids, text_atts, image_embeds, image_embeds_m, alpha,
                     masked_ids=None, labels=None):
@@ -150,20 +148,29 @@ class ALBEF(ALBEFBase):
           per layer instead of two, and the word-embedding gradient arrives sparse and is added
           into the tied MLM decoder's dense gradient (no dense zero-filled copy).
         - Every fusion row (ITM positive, ITM negative, MLM) attends to one of the batch's B
-          images, so each fusion layer projects the B images to keys/values once and the 4B
-          rows' queries are grouped per image (one fusion call, `select_grouped`); gradients
-          reach the image encoder through these shared keys/values.
+          images, so each fusion layer projects the B images to keys/values once; the rows
+          paired with their own image (positive, negative-text and MLM rows) have their
+          queries stacked per image, the B negative-image rows gather their drawn image's
+          keys/values (one fusion call, `select_blocks`); gradients reach the image encoder
+          through these shared keys/values.
         - The momentum MLM pass runs its fusion layers on the momentum text states already
-          computed, and both MLM heads run only on the predicted tokens (the only ones either
-          loss reads). Negatives are drawn for the whole batch in one call.
+          computed, and both MLM heads run only on the tokens the masking draw selected (a
+          superset of the predicted tokens, the only ones either loss reads, known on the
+          host). Negatives are drawn for the whole batch in one call.
+        - Nothing is read back from the device (no host sync on a GPU): see mask_tokens,
+          sample_negatives_batched, select_blocks, sparse_embedding, _dequeue_and_enqueue.
         Because the masking is drawn before the encoders, the random stream differs from the
         plain path; on equal draws (arguments) the losses and gradients are the same.
         """
         atts = text.attention_mask
         bs = image.size(0)
+        positions = None  # flat (B * L) positions the MLM heads run on
         if masked_ids is None:
-            masked_ids, labels = self.mask(text.input_ids, self.text_encoder.config.vocab_size,
-                                           image.device, targets=text.input_ids.clone())
+            masked_ids, labels, positions = self.mask(
+                text.input_ids, self.text_encoder.config.vocab_size, image.device,
+                targets=text.input_ids.clone(), candidates=True)
+        else:  # draws given (tests): the predicted positions, read back from the device
+            positions = (labels != -100).flatten().nonzero().squeeze(1)
         ids_both = torch.cat([text.input_ids, masked_ids])  # (2B, L): ITC rows, MLM rows
         atts_both = torch.cat([atts, atts])
 
@@ -171,8 +178,7 @@ class ALBEF(ALBEFBase):
         image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
         bert = self.text_encoder.bert
         word_embeddings = bert.embeddings.word_embeddings
-        text_both = bert(inputs_embeds=F.embedding(ids_both, word_embeddings.weight,
-                                                   word_embeddings.padding_idx, sparse=True),
+        text_both = bert(inputs_embeds=sparse_embedding(ids_both, word_embeddings),
                          attention_mask=atts_both, return_dict=True,
                          mode='text').last_hidden_state
         text_embeds, mlm_embeds = text_both[:bs], text_both[bs:]
@@ -195,27 +201,26 @@ class ALBEF(ALBEFBase):
             weights_i2t, weights_t2i = self.negative_weights(sim_i2t, sim_t2i)
             neg_img_idx = sample_negatives_batched(weights_t2i)  # texts first, as the plain path
             neg_txt_idx = sample_negatives_batched(weights_i2t)
-        rows = torch.arange(bs, device=image.device)
-        # Rows: B positives, the 2B negatives in hard_negative_batch's order, B MLM captions.
+        # Rows: B positives, the 2B negatives in hard_negative_batch's order, B MLM captions;
+        # the images of the blocks: the rows' own, the drawn ones, the rows' own, the own.
         text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_txt_idx], mlm_embeds])
         atts_all = torch.cat([atts, atts, atts[neg_txt_idx], atts])
-        image_of_row = torch.cat([rows, neg_img_idx, rows, rows])  # (4B,)
-        key_values = bert.image_key_values(image_embeds).select_grouped(image_of_row)
+        key_values = bert.image_key_values(image_embeds).select_blocks(
+            [None, neg_img_idx, None, None])
         hidden = bert(encoder_embeds=text_all, attention_mask=atts_all,
                       encoder_hidden_states=key_values, return_dict=True,
                       mode='fusion').last_hidden_state  # (4B, L, D)
 
         vl_output = self.itm_head(hidden[:3 * bs, 0])
-        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long),
-                                torch.zeros(2 * bs, dtype=torch.long)]).to(image.device)
-        loss_itm = F.cross_entropy(vl_output, itm_labels)
+        loss_itm = F.cross_entropy(vl_output, itm_labels(bs, image.device))
 
-        predicted = labels != -100  # (B, L)
         with torch.no_grad():
             hidden_m = bert_m(encoder_embeds=text_both_m[bs:], attention_mask=atts,
                               encoder_hidden_states=image_embeds_m, return_dict=True,
                               mode='fusion').last_hidden_state
-            soft_labels = F.softmax(self.text_encoder_m.cls(hidden_m[predicted]), dim=-1)
-        logits = self.text_encoder.cls(hidden[3 * bs:][predicted])  # (M, V)
-        loss_mlm = masked_lm_loss(logits, labels[predicted], soft_labels, alpha)
+            soft_labels = F.softmax(self.text_encoder_m.cls(hidden_m.flatten(0, 1)[positions]),
+                                    dim=-1)
+        logits = self.text_encoder.cls(gather_rows(hidden[3 * bs:].flatten(0, 1), positions))
+        loss_mlm = masked_lm_loss(logits, labels.flatten()[positions], soft_labels, alpha)
         return loss_mlm, loss_ita, loss_itm
+

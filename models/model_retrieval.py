@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.albef_base import (ALBEFBase, build_text_model, fit_tokenizer, hard_negative_batch,
-                               itc_loss, load_bert_config, sample_negatives,
+                               itc_loss, itm_labels, load_bert_config, sample_negatives,
                                sample_negatives_batched)
 from models.xbert import BertModel
 
@@ -111,11 +111,10 @@ class ALBEF(ALBEFBase):
 
         Fast path: one fusion call over the 3B rows, each fusion layer projecting the B images
         to keys/values once and attending with the queries of each image's rows grouped
-        (`select_grouped`; gradients flow back through the shared keys/values)."""
+        (`select_blocks`, no host sync; gradients flow back through the shared keys/values)."""
         if self.fast_train:
-            rows = torch.arange(image_embeds.size(0), device=image_embeds.device)
-            key_values = self.text_encoder.image_key_values(image_embeds).select_grouped(
-                torch.cat([rows, neg_img_idx, rows]))
+            key_values = self.text_encoder.image_key_values(image_embeds).select_blocks(
+                [None, neg_img_idx, None])
             hidden = self.text_encoder(
                 encoder_embeds=torch.cat([text_embeds, text_embeds, text_embeds[neg_txt_idx]]),
                 attention_mask=torch.cat([text_atts, text_atts, text_atts[neg_txt_idx]]),
@@ -140,6 +139,4 @@ class ALBEF(ALBEFBase):
             neg_img_idx = sample(weights_t2i)  # NOTE(faithful): texts first
             neg_txt_idx = sample(weights_i2t)
         logits = self.itm_logits(image_embeds, text_embeds, text_atts, neg_img_idx, neg_txt_idx)
-        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long),
-                                torch.zeros(2 * bs, dtype=torch.long)]).to(image_embeds.device)
-        return F.cross_entropy(logits, itm_labels)
+        return F.cross_entropy(logits, itm_labels(bs, image_embeds.device))

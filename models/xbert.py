@@ -111,13 +111,25 @@ class ImageKeyValues:
     only one layer's (texts, H, N, d) copy exists at a time.
     """
 
-    def __init__(self, per_layer, index=None, groups=None):
+    def __init__(self, per_layer, index=None, groups=None, blocks=None):
         self.per_layer = per_layer  # layer -> (keys, values), each (I, H, N, d)
         self.index = index  # (B,) image of every text, or None: text b uses image b
         self.groups = groups  # QueryGroups of `index`, or None
+        self.blocks = blocks  # see select_blocks, or None
 
     def select(self, index):
         return ImageKeyValues(self.per_layer, index)
+
+    def select_blocks(self, blocks):
+        """Texts laid out in len(blocks) blocks of I texts (I images): in block j, text b
+        attends to image b where blocks[j] is None, else to image blocks[j][b]. The training
+        paths' rows have this layout (ITM positives, hard negatives, MLM rows, each block one
+        row per image or per drawn image). An unmasked cross-attention stacks each image's
+        queries of the None blocks (`BlockKeyValues`: no per-text copies) and gathers keys and
+        values per text for the other blocks. Unlike `select_grouped`, every shape follows
+        from the layout alone, so nothing is read back from the device (no host sync) and a
+        compiled layer sees the same shapes at every step."""
+        return ImageKeyValues(self.per_layer, blocks=list(blocks))
 
     def select_grouped(self, index):
         """Like `select`, but an unmasked cross-attention gathers the texts' queries per image
@@ -132,6 +144,8 @@ class ImageKeyValues:
         defers this call (see BertEncoder) keeps only the per-image tensors alive. After
         `select_grouped`, a `GroupedKeyValues` instead (nothing gathered)."""
         keys, values = self.per_layer[i]
+        if self.blocks is not None:
+            return BlockKeyValues(keys, values, self.blocks)
         if self.groups is not None:
             return GroupedKeyValues(keys, values, self.index, self.groups)
         if self.index is None:
@@ -195,6 +209,49 @@ class GroupedKeyValues:
         context = F.scaled_dot_product_attention(q, self.keys, self.values, dropout_p=dropout_p)
         context = context.view(I, H, C, L, d).permute(0, 2, 3, 1, 4).reshape(I * C, L, H * d)
         return _RowsAt.apply(context, groups.slot)
+
+
+class BlockKeyValues:
+    """One fusion layer's per-image keys/values (I, H, N, d) for texts in blocks of I; see
+    `ImageKeyValues.select_blocks`."""
+
+    def __init__(self, keys, values, blocks):
+        self.keys, self.values, self.blocks = keys, values, blocks
+
+    def gathered(self):
+        """(keys, values) per text, as `ImageKeyValues.layer` without grouping."""
+        rows = torch.arange(self.keys.size(0), device=self.keys.device)
+        index = torch.cat([rows if block is None else block for block in self.blocks])
+        return self.keys[index], self.values[index]
+
+    def attend(self, q, dropout_p=0.0):
+        """Context (R, L, H * d) of queries q (R, H, L, d), R = len(blocks) * I, without a key
+        mask. Query rows are independent, so this equals per-text attention."""
+        I = self.keys.size(0)
+        _, H, L, d = q.shape
+        per_block = q.view(len(self.blocks), I, H, L, d).unbind(0)
+        own = [j for j, block in enumerate(self.blocks) if block is None]
+        context = [None] * len(self.blocks)
+        if own:
+            # Image i's queries of every own-image block, stacked: (I, H, S * L, d).
+            stacked = torch.stack([per_block[j] for j in own], dim=2).flatten(2, 3)
+            out = F.scaled_dot_product_attention(stacked, self.keys, self.values,
+                                                 dropout_p=dropout_p)
+            for j, c in zip(own, out.unflatten(2, (len(own), L)).unbind(2)):
+                context[j] = c
+        for j, block in enumerate(self.blocks):
+            if block is not None:
+                # index_select: its backward adds into the images' rows (index_add_), with
+                # repeats, without reading anything back to the host.
+                context[j] = F.scaled_dot_product_attention(
+                    per_block[j], self.keys.index_select(0, block),
+                    self.values.index_select(0, block), dropout_p=dropout_p)
+        return torch.cat([c.transpose(1, 2).reshape(I, L, H * d) for c in context])
+
+
+def gather_rows(x, index):
+    """x[index] for an index without repeats (autograd without an accumulating scatter)."""
+    return _RowsAt.apply(x, index)
 
 
 class BertEmbeddings(nn.Module):
@@ -268,7 +325,7 @@ class BertSelfAttention(AttentionRecorder, nn.Module):
         # Precomputed (keys, values) from BertModel.image_key_values, possibly deferred.
         if callable(source):
             source = source()
-        if isinstance(source, GroupedKeyValues):
+        if isinstance(source, (GroupedKeyValues, BlockKeyValues)):
             if mask is None and not self.save_attention:
                 return source.attend(q, dropout_p=self.dropout.p if self.training else 0.0)
             source = source.gathered()
@@ -563,13 +620,16 @@ class _BertWithLMHead(BertPreTrainedModel):
 def masked_lm_loss(logits, labels, soft_labels=None, alpha=0):
     """Cross-entropy over the predicted tokens (labels != -100), mixed with the distillation
     loss -sum(soft_labels * log_softmax(logits)) averaged over the same tokens.
-    logits (..., V), labels (...): all positions, or only the predicted ones."""
+    logits (..., V), labels (...): all positions, or any subset that holds the predicted ones."""
     logits = logits.reshape(-1, logits.size(-1))
     labels = labels.reshape(-1)
     loss = F.cross_entropy(logits, labels)
     if soft_labels is not None:
         distill = -(F.log_softmax(logits, dim=-1) * soft_labels.reshape(logits.shape)).sum(dim=-1)
-        distill = distill[labels != -100].mean()
+        # The mean over the predicted tokens without boolean indexing (which reads the count
+        # back from the device: a host sync on a GPU); unpredicted rows are never read.
+        predicted = labels != -100
+        distill = torch.where(predicted, distill, 0).sum() / predicted.sum()
         loss = (1 - alpha) * loss + alpha * distill
     return loss
 
