@@ -62,7 +62,7 @@ def stage_data(ctx):
 
 
 # tools/unimodal_init.py arguments: ~1.5 minutes on 2 CPU cores.
-UNIMODAL_INIT = ['--vit_epochs', '10', '--bert_steps', '300']
+UNIMODAL_INIT = ['--vit_scenes', '20000', '--bert_steps', '300']
 
 
 def stage_init(ctx):
@@ -111,7 +111,12 @@ def stage_vqa(ctx):
     with open(summary['val_result_file']) as f:
         predicted = {r['question_id']: r['answer'] for r in json.load(f)}
     scores = [answer_accuracy(predicted[ann['question_id']], ann['answer']) for ann in val]
+    import engine
+    similarity = {'pretrained': question_similarity(ctx.pretrained(), val, ctx.device),
+                  'fine-tuned': question_similarity(engine.checkpoints(ctx.out('vqa'))[0], val,
+                                                    ctx.device)}
     return {'metric': 'val VQA accuracy', 'value': summary['val_vqa_acc'], **levels,
+            'question_similarity': similarity,
             'groups': merge_groups(by_group(val, scores, vqa_question_type), levels['groups'])}
 
 
@@ -236,6 +241,41 @@ def correct_labels(ctx, stage, records, images):
         probs = model.classify(images(record), record['sentence'])
         correct.append(float(max(probs, key=probs.get) == record['label']))
     return correct
+
+
+# Questions of different types about one image: a model that reads the question gives them
+# different fused states; one that ignores it (a fine-tuning LR too high for a short run) gives
+# them the same state and answers them alike.
+PROBE_QUESTIONS = ('what color is the shape?', 'what shape is the object?',
+                   'how many shapes are there?', 'is there a red circle?')
+
+
+@torch.no_grad()
+def question_similarity(checkpoint, records, device, count=50):
+    """Mean pairwise cosine similarity of the multimodal encoder's [CLS] states of
+    PROBE_QUESTIONS, each over the same held-out image, averaged over `count` images: near 1,
+    the question is ignored. `checkpoint`: a pre-training or VQA checkpoint (the VQA question
+    encoder starts as the pre-trained text encoder, so the two are compared alike)."""
+    from albef.api import load_model
+    from dataset.images import load_image
+    from dataset.utils import pre_question
+    model, transform, tokenizer = load_model(checkpoint, device=device)
+    encoder = model.text_encoder.base_model  # the BertModel of a BertForMaskedLM or itself
+    question = tokenizer([pre_question(q) for q in PROBE_QUESTIONS], padding='longest',
+                         return_tensors='pt').to(device)
+    similarities = []
+    for record in records[:count]:
+        image = transform(load_image(os.path.join(DATA, record['image']))).unsqueeze(0).to(device)
+        image_embeds = model.visual_encoder(image).expand(len(PROBE_QUESTIONS), -1, -1)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device)
+        states = encoder(question.input_ids, attention_mask=question.attention_mask,
+                         encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts,
+                         mode='multi_modal').last_hidden_state[:, 0]
+        states = torch.nn.functional.normalize(states.float(), dim=-1)
+        cosine = states @ states.t()
+        pairs = torch.triu_indices(len(PROBE_QUESTIONS), len(PROBE_QUESTIONS), offset=1)
+        similarities.append(cosine[pairs[0], pairs[1]].mean().item())
+    return sum(similarities) / len(similarities)
 
 
 class Context:

@@ -143,9 +143,21 @@ def render(scene, side):
         image = Image.fromarray(pixels)
     else:
         image = Image.new('RGB', (side, side), scene.background)
-    draw = ImageDraw.Draw(image)
-    for o in scene.objects:
-        fill, (x0, y0, x1, y1) = COLORS[o.color], (o.cx - o.r, o.cy - o.r, o.cx + o.r, o.cy + o.r)
+    _draw_objects(ImageDraw.Draw(image), scene.objects, lambda o: COLORS[o.color])
+    return image
+
+
+def label_map(scene, side, value):
+    """(side, side) uint8 array: `value(o)` (1-255) on the pixels render() paints with object
+    o, 0 on the background; for dense (per-patch) labels of rendered scenes."""
+    image = Image.new('L', (side, side), 0)
+    _draw_objects(ImageDraw.Draw(image), scene.objects, value)
+    return np.array(image)
+
+
+def _draw_objects(draw, objects, fill_of):
+    for o in objects:
+        fill, (x0, y0, x1, y1) = fill_of(o), (o.cx - o.r, o.cy - o.r, o.cx + o.r, o.cy + o.r)
         if o.shape == 'circle':
             draw.ellipse((x0, y0, x1, y1), fill=fill)
         elif o.shape == 'square':
@@ -158,7 +170,6 @@ def render(scene, side):
             arm = o.r / 3
             draw.rectangle((x0, o.cy - arm, x1, o.cy + arm), fill=fill)
             draw.rectangle((o.cx - arm, y0, o.cx + arm, y1), fill=fill)
-    return image
 
 
 def scene_with(rng, side, present, shape=None, color=None):

@@ -41,7 +41,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def tiny_demo(monkeypatch):
     monkeypatch.setattr(demo, 'DATA_SPEC', dict(seed=0, size='tiny'))
-    monkeypatch.setattr(demo, 'UNIMODAL_INIT', ['--vit_epochs', '1', '--bert_steps', '4',
+    monkeypatch.setattr(demo, 'UNIMODAL_INIT', ['--vit_scenes', '16', '--bert_steps', '4',
                                                 '--batch_size', '8'])
 
 

@@ -19,3 +19,33 @@ def test_chance_recall_is_the_share_of_labels_a_random_top_k_hits():
     # (2 * 2/30 + 1 * 1/30) objects expected among 3 named
     assert chance_recall(records) == pytest.approx((4 / 30 + 1 / 30) / 3)
     assert chance_recall([]) == 0
+
+
+def test_patch_labels_name_the_object_each_patch_shows():
+    from dataset.synthetic import Obj, Scene
+    from tools.unimodal_init import PATCH_LABELS, SCENE_SIDE, patch_labels
+    # A large red square centred in the top-left cell; at 96 px and a 4 x 4 grid a patch is
+    # 24 px: the square (r = 13.4 px around (16, 16)) covers patches 0, 1, 4, 5 of the grid.
+    square = Obj('square', 'red', 'large', 0, 0, 16.0, 16.0, 0.14 * SCENE_SIDE)
+    cross = Obj('cross', 'blue', 'small', 2, 2, 80.0, 80.0, 0.09 * SCENE_SIDE)
+    labels = patch_labels(Scene((square, cross), (220, 220, 220), -1), grid=4)
+    assert labels.shape == (16,)
+    red_square = 1 + PATCH_LABELS.index(('red', 'square', 'large'))
+    blue_cross = 1 + PATCH_LABELS.index(('blue', 'cross', 'small'))
+    assert labels[[0, 1, 4, 5]].tolist() == [red_square] * 4
+    assert labels[15].item() == blue_cross  # (80, 80) is in the last patch
+    assert set(labels.tolist()) == {0, red_square, blue_cross}
+
+
+def test_label_map_covers_the_pixels_render_paints():
+    import random
+
+    import numpy as np
+
+    from dataset.synthetic import label_map, render, sample_scene
+    rng = random.Random(1)
+    for _ in range(5):
+        scene = sample_scene(rng, 96)
+        scene = type(scene)(scene.objects, scene.background, -1)  # plain background
+        painted = (np.array(render(scene, 96)) != np.array(scene.background)).any(-1)
+        assert ((label_map(scene, 96, lambda o: 1) > 0) == painted).all()

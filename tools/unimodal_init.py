@@ -6,29 +6,39 @@ command makes the same two kinds of weights for the synthetic data, so the tiny 
 follows the paper's recipe and goes through the real loading code (`init_deit` reads a DeiT/timm
 checkpoint, `text_encoder` a Hugging Face BERT directory):
 
-- a ViT of the config's size trained to name the coloured shapes in each pre-training image
-  (multi-label), saved as `<out>/vit.pth` ({'model': state dict with a `head.*` classifier});
+- a ViT of the config's size trained on freshly drawn synthetic scenes (as DeiT is trained on
+  ImageNet, data apart from the pre-training set) to name the coloured shapes of the image on
+  its [CLS] token (multi-label) and, on each patch token, the colour, shape and size of the
+  object it shows (dense labels: the fusion layers read the patch tokens, and a classifier on
+  [CLS] alone leaves them blind to shape), saved as `<out>/vit.pth` ({'model': state dict with a
+  `head.*` classifier; the patch classifier is not kept});
 - a BERT of the config's `bert_config` size trained with MLM on the pre-training captions, saved
   by transformers in `<out>/bert/` (config.json + weights).
 
     python -m tools.unimodal_init --config configs/tiny/Pretrain.yaml --out data/synthetic/init
 
-The images and captions are the pre-training ones only; held-out retrieval-test images and
-captions are used for the printed check figures.
+The captions are the pre-training ones; held-out retrieval-test images and captions, and
+freshly drawn held-out scenes, are used for the printed check figures.
 """
 import argparse
+import io
 import json
 import logging
 import os
+import random
 import re
 import time
+
+import numpy as np
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from PIL import Image
+
 from dataset.images import load_image
-from dataset.synthetic import COLORS, SHAPES
+from dataset.synthetic import COLORS, SHAPES, SIZES, label_map, render, sample_scene
 from dataset.transforms import create_transform
 from dataset.utils import pre_caption
 from models.albef_base import fit_tokenizer, load_bert_config, mask_tokens
@@ -39,6 +49,10 @@ from utils import load_config
 logger = logging.getLogger('albef.unimodal_init')
 
 LABELS = [f'{color} {shape}' for color in COLORS for shape in SHAPES]
+# Per-patch labels: 0 background, 1 + index of the object's (colour, shape, size).
+PATCH_LABELS = [(color, shape, size) for color in sorted(COLORS) for shape in SHAPES
+                for size in sorted(SIZES)]
+SCENE_SIDE = 96  # the side dataset.synthetic renders its images at
 _OBJECT = re.compile(r'\b(%s) (%s)\b' % ('|'.join(COLORS), '|'.join(SHAPES)))
 
 
@@ -65,16 +79,71 @@ class LabelledImages(torch.utils.data.Dataset):
         return self.transform(image), object_labels(captions)
 
 
-class ViTClassifier(nn.Module):
-    """The ALBEF ViT with a linear classifier on [CLS] (saved under DeiT's `head.` names)."""
+def patch_labels(scene, grid):
+    """(grid * grid,) long: per patch (row-major, as the ViT's tokens), 1 + the PATCH_LABELS
+    index of the object covering most of its object pixels, 0 if it shows only background."""
+    pixels = label_map(scene, SCENE_SIDE, lambda o: 1 + PATCH_LABELS.index((o.color, o.shape, o.size)))
+    cell = -(-SCENE_SIDE // grid)  # a whole number of pixels per patch
+    pixels = np.array(Image.fromarray(pixels).resize((grid * cell, grid * cell), Image.NEAREST))
+    blocks = pixels.reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    counts = np.stack([np.bincount(b, minlength=len(PATCH_LABELS) + 1) for b in blocks])
+    counts[:, 0] = 0
+    return torch.from_numpy(np.where(counts.max(1) > 0, counts.argmax(1), 0))
 
-    def __init__(self, config, num_labels):
+
+class Scenes(torch.utils.data.IterableDataset):
+    """`count` random scenes of dataset.synthetic (never the stored ones: a seed of their own),
+    JPEG-encoded like the stored images, as (image, object labels, patch labels)."""
+
+    def __init__(self, count, seed, transform, grid):
+        self.count, self.seed, self.transform, self.grid = count, seed, transform, grid
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        index, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        rng = random.Random(f'unimodal_init/{self.seed}/{index}')
+        for _ in range(index, self.count, workers):
+            scene = sample_scene(rng, SCENE_SIDE)
+            encoded = io.BytesIO()
+            render(scene, SCENE_SIDE).save(encoded, 'JPEG', quality=95)
+            image = Image.open(encoded).convert('RGB')
+            labels = torch.zeros(len(LABELS))
+            for o in scene.objects:
+                labels[LABELS.index(f'{o.color} {o.shape}')] = 1
+            yield self.transform(image), labels, patch_labels(scene, self.grid)
+
+
+class ViTClassifier(nn.Module):
+    """The ALBEF ViT with a linear classifier on [CLS] (saved under DeiT's `head.` names) and
+    one on every patch token (training only)."""
+
+    def __init__(self, config, num_labels, num_patch_labels=len(PATCH_LABELS) + 1):
         super().__init__()
         self.vit = vit_from_config(config)
         self.head = nn.Linear(self.vit.embed_dim, num_labels)
+        self.patch_head = nn.Linear(self.vit.embed_dim, num_patch_labels)
 
     def forward(self, image):
-        return self.head(self.vit(image)[:, 0])
+        """(image logits (B, num_labels), patch logits (B, N, num_patch_labels))."""
+        tokens = self.vit(image)
+        return self.head(tokens[:, 0]), self.patch_head(tokens[:, 1:])
+
+    @classmethod
+    def from_file(cls, path, config):
+        """A ViT saved by `save` (for the tiny config's sizes: loading is strict)."""
+        saved = torch.load(path, map_location='cpu', weights_only=True)
+        model = cls(config, len(LABELS))
+        vit = {k: v for k, v in saved['model'].items() if not k.startswith('head.')}
+        model.vit.load_state_dict(vit)
+        model.head.load_state_dict({k[5:]: v for k, v in saved['model'].items() if k.startswith('head.')})
+        model.patch_head.load_state_dict(saved['patch_head'])
+        return model
+
+    def save(self, path, made_by):
+        """DeiT's layout ({'model': ViT + `head.*`}, what init_deit reads), with the patch
+        classifier (for the checks of a copy) and how the file was made beside it."""
+        torch.save({'model': self.deit_state_dict(), 'labels': LABELS,
+                    'patch_head': self.patch_head.state_dict(), 'made_by': made_by}, path)
 
     def deit_state_dict(self):
         return {**self.vit.state_dict(), **{f'head.{k}': v for k, v in self.head.state_dict().items()}}
@@ -92,37 +161,61 @@ def read_records(path):
         return json.load(f)
 
 
-def train_vit(config, train_records, test_records, image_root, epochs, lr, batch_size, device):
+def train_vit(config, test_records, image_root, scenes, lr, batch_size, device, seed=0):
+    """Train on `scenes` fresh scenes; returns (model, check_vit's figures)."""
     transform = create_transform('test', config['image_res'])  # the labels need whole images
-    loader = torch.utils.data.DataLoader(LabelledImages(train_records, image_root, transform),
-                                         batch_size=batch_size, shuffle=True,
-                                         drop_last=len(train_records) > batch_size,
-                                         num_workers=config.get('num_workers', 0))
+    grid = config['image_res'] // config.get('patch_size', 16)
+    loader = torch.utils.data.DataLoader(Scenes(scenes, seed, transform, grid),
+                                         batch_size=batch_size,
+                                         num_workers=min(1, config.get('num_workers', 0)))
     model = ViTClassifier(config, len(LABELS)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    steps = epochs * len(loader)
+    steps = max(1, -(-scenes // batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps,
                                                    pct_start=0.1)
     model.train()
-    for epoch in range(epochs):
-        for image, target in loader:
-            loss = F.binary_cross_entropy_with_logits(model(image.to(device)), target.to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        logger.info('ViT epoch %d: loss %.4f', epoch, loss.item())
+    for step, (image, labels, patches) in enumerate(loader):
+        logits, patch_logits = model(image.to(device))
+        loss = (F.binary_cross_entropy_with_logits(logits, labels.to(device)) +
+                F.cross_entropy(patch_logits.flatten(0, 1), patches.to(device).flatten()))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 200 == 0 or step == steps - 1:
+            logger.info('ViT step %d/%d: loss %.4f', step, steps, loss.item())
+    return model, check_vit(model, config, test_records, image_root, batch_size, device, seed)
+
+
+def check_vit(model, config, test_records, image_root, batch_size, device, seed=0):
+    """The share of the objects of the held-out `test_records` among their images' top-ranked
+    labels, and on fresh held-out scenes the share of object patches whose colour, shape and
+    size the patch classifier names."""
+    transform = create_transform('test', config['image_res'])
+    grid = config['image_res'] // config.get('patch_size', 16)
     model.eval()
     test = LabelledImages(test_records, image_root, transform)
     found = named = 0
+    held_out = {'color': 0, 'shape': 0, 'size': 0, 'patches': 0}
     with torch.no_grad():
         for image, target in torch.utils.data.DataLoader(test, batch_size=batch_size):
-            scores = model(image.to(device)).cpu()
+            scores = model(image.to(device))[0].cpu()
             for row, labels in zip(scores, target):
                 count = int(labels.sum())  # an image's objects among its `count` top labels
                 found += labels[row.topk(count).indices].sum().item()
                 named += count
-    return model, found / max(1, named)
+        for image, _, patches in torch.utils.data.DataLoader(
+                Scenes(500, f'{seed}/held-out', transform, grid), batch_size=batch_size):
+            predicted = model(image.to(device))[1].argmax(-1).cpu()
+            shown = patches > 0
+            for name, part in zip(('color', 'shape', 'size'), (0, 1, 2)):
+                names = lambda ids: [PATCH_LABELS[i - 1][part] if i else None for i in ids.tolist()]
+                held_out[name] += sum(p == t for p, t in zip(names(predicted[shown]),
+                                                             names(patches[shown])))
+            held_out['patches'] += int(shown.sum())
+    checks = {'object_recall': found / max(1, named),
+              **{f'patch_{k}': held_out[k] / max(1, held_out['patches']) for k in ('color', 'shape', 'size')}}
+    return checks
 
 
 def train_bert(config, tokenizer, train_captions, test_captions, steps, lr, batch_size, device):
@@ -182,8 +275,12 @@ def main(argv=None):
     parser.add_argument('--test_file', default=None,
                         help='held-out records for the check figures (default: retrieval_test.json '
                              'beside the first train_file)')
-    parser.add_argument('--vit_epochs', type=int, default=4)
+    parser.add_argument('--vit_scenes', type=int, default=20000,
+                        help='fresh synthetic scenes the ViT is trained on (one pass)')
     parser.add_argument('--vit_lr', type=float, default=1e-3)
+    parser.add_argument('--vit', default=None,
+                        help='a ViT made before by this command (its vit.pth): copied and checked '
+                             'instead of training one')
     parser.add_argument('--bert_steps', type=int, default=300)
     parser.add_argument('--bert_lr', type=float, default=1e-3)
     parser.add_argument('--batch_size', type=int, default=64)
@@ -205,12 +302,22 @@ def main(argv=None):
     device = torch.device(args.device)
 
     began = time.time()
-    vit, recall = train_vit(config, train, test, config['image_root'], args.vit_epochs,
-                           args.vit_lr, args.batch_size, device)
-    torch.save({'model': vit.deit_state_dict(), 'labels': LABELS}, os.path.join(args.out, 'vit.pth'))
+    if args.vit:
+        vit = ViTClassifier.from_file(args.vit, config).to(device)
+        checks = check_vit(vit, config, test, config['image_root'], args.batch_size, device,
+                           args.seed)
+    else:
+        vit, checks = train_vit(config, test, config['image_root'], args.vit_scenes,
+                                args.vit_lr, args.batch_size, device, seed=args.seed)
+    vit.save(os.path.join(args.out, 'vit.pth'), made_by=(
+        f'copied from {args.vit}' if args.vit else
+        f'tools.unimodal_init --vit_scenes {args.vit_scenes} --vit_lr {args.vit_lr} '
+        f'--batch_size {args.batch_size} --seed {args.seed}'))
     logger.info('ViT: %.1f%% of the objects in %d held-out images among their top-ranked labels '
-                '(chance %.1f%%; %.0f s)', 100 * recall, len(test), 100 * chance_recall(test),
-                time.time() - began)
+                '(chance %.1f%%); held-out object patches named right: colour %.1f%%, shape '
+                '%.1f%% (chance 20%%), size %.1f%% (%.0f s)', 100 * checks['object_recall'],
+                len(test), 100 * chance_recall(test), 100 * checks['patch_color'],
+                100 * checks['patch_shape'], 100 * checks['patch_size'], time.time() - began)
 
     began = time.time()
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
@@ -219,7 +326,7 @@ def main(argv=None):
     bert.save_pretrained(os.path.join(args.out, 'bert'))
     logger.info('BERT: %.1f%% of masked held-out tokens predicted (%.0f s)', 100 * accuracy,
                 time.time() - began)
-    return {'vit_object_recall': recall, 'bert_mlm_accuracy': accuracy}
+    return {**{f'vit_{k}': v for k, v in checks.items()}, 'bert_mlm_accuracy': accuracy}
 
 
 if __name__ == '__main__':
