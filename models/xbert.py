@@ -139,6 +139,16 @@ class ImageKeyValues:
         keys = next(iter(self.per_layer.values()))[0]
         return ImageKeyValues(self.per_layer, index, groups=QueryGroups(index, keys.shape[0]))
 
+    def for_layer(self, i):
+        """What fusion layer i is given as its encoder states: after `select_blocks` or
+        `select_grouped` the layer's keys/values themselves (nothing is gathered; a compiled
+        layer then gets the same kind of argument at every layer, so one graph serves them
+        all), otherwise `layer(i)` deferred, so that the per-text gather happens inside a
+        checkpointed layer too (recomputed in backward rather than kept)."""
+        if self.blocks is not None or self.groups is not None:
+            return self.layer(i)
+        return partial(self.layer, i)
+
     def layer(self, i):
         """(keys, values) of fusion layer i for every text: gathered here, so a caller that
         defers this call (see BertEncoder) keeps only the per-image tensors alive. After
@@ -450,8 +460,7 @@ class BertEncoder(nn.Module):
                 which = (i - self.config.fusion_layer) % len(encoder_hidden_states)
                 image_states, image_mask = encoder_hidden_states[which], encoder_attention_mask[which]
             elif isinstance(encoder_hidden_states, ImageKeyValues):
-                # Deferred: the per-text gather then happens inside a checkpointed layer too.
-                image_states = (partial(encoder_hidden_states.layer, i)
+                image_states = (encoder_hidden_states.for_layer(i)
                                 if layer.has_cross_attention else None)
             args = (hidden_states, attention_mask, image_states, image_mask)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
