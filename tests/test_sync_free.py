@@ -97,3 +97,30 @@ def test_block_cross_attention_equals_gathered_keys_values():
                         bert.encoder.layer[2].crossattention.self.key.weight.grad))
     for gathered, blocked in zip(*results):
         assert torch.allclose(gathered, blocked, atol=1e-6, rtol=1e-5)
+
+
+def test_compiled_layers_keep_their_graphs_across_steps():
+    """engine.compile_layers on the fast path: steps with new draws (masks, negatives) reuse the
+    graphs of the first (the fusion rows' layout fixes every shape), and one set of graphs
+    serves every fusion layer (no guard on the layer index: a deeper model has no more)."""
+    from torch._dynamo.utils import counters
+
+    from engine import compile_layers
+    from models.model_pretrain import ALBEF
+    from tests.test_fast_train import BERT, CONFIG, inputs
+    image, text, _ = inputs()
+    graphs = []
+    for layers in (4, 6):  # 2 and 4 fusion layers
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = ALBEF(config={**CONFIG, 'bert_config': {**BERT, 'num_hidden_layers': layers}},
+                      tokenizer=TOKENIZER, init_deit=False).train()
+        compile_layers(model, 'eager')  # dynamo alone: the guards are what is checked
+        for seed in range(3 if layers == 4 else 1):
+            torch.manual_seed(seed)
+            with torch._dynamo.config.patch(error_on_recompile=seed > 0):
+                sum(model(image, text, alpha=0.4)).backward()
+        graphs.append(counters['stats']['unique_graphs'])
+    torch._dynamo.reset()
+    assert graphs[0] == graphs[1] > 0, graphs
