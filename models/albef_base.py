@@ -78,9 +78,10 @@ def sample_negatives_batched(weights):
     The draw is torch.multinomial(weights, 1)'s own for one sample per row, argmax of
     weights / Exponential(1) noise from the same generator, written out because
     torch.multinomial first checks the weights with `.item()` calls (two host syncs on a
-    GPU). Same indices and random stream as torch.multinomial (tested on CPU and CUDA). A row
-    without positive weight (retrieval: every sample of the batch shares the anchor's image
-    id), where torch.multinomial raised, draws uniformly from the other columns instead.
+    GPU). Same indices and random stream as torch.multinomial(weights, 1) (tests/test_sync_free.py
+    on the CPU, tests/test_cuda.py on CUDA). A row without positive weight (retrieval: every
+    sample of the batch shares the anchor's image id), where torch.multinomial raised, draws
+    uniformly from the other columns instead.
     """
     weights = finite_sampling_weights(weights)
     weights = torch.where(weights.sum(dim=1, keepdim=True) > 0, weights, _uniform_off_diagonal(weights))
