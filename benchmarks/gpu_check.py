@@ -239,14 +239,15 @@ def environment(args, record):
                             'mem_efficient': torch.backends.cuda.mem_efficient_sdp_enabled(),
                             'math': torch.backends.cuda.math_sdp_enabled()})
         try:
-            smi = subprocess.run(['nvidia-smi', '--query-gpu=driver_version,clocks.sm,clocks.max.sm',
-                                  '--format=csv,noheader'], capture_output=True, text=True,
-                                 timeout=20)
+            query = '--query-gpu=driver_version,clocks.sm,clocks.max.sm'
+            smi = subprocess.run(['nvidia-smi', query, '--format=csv,noheader'],
+                                 capture_output=True, text=True, timeout=20)
             record['nvidia_smi'] = smi.stdout.strip()
         except (OSError, subprocess.SubprocessError) as error:
             record['nvidia_smi'] = f'unavailable ({type(error).__name__})'
     else:
-        record.update(name=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+        record.update(name=platform.processor() or platform.machine(),
+                      threads=torch.get_num_threads())
     before = tf32_state()
     try:
         peaks = {'bf16': matmul_tflops(device, torch.bfloat16, args.matmul_n, args.matmul_reps)}
@@ -453,7 +454,8 @@ def pretrain(args, record, results, deadline):
             entry.update(error_record(error))
         optimizer = None  # its state goes before the next variant's is made
         results.save()
-        print(f'  pretrain {name}: {entry.get("s_per_step")} s/step ({entry["status"]})', flush=True)
+        print(f'  pretrain {name}: {entry.get("s_per_step")} s/step ({entry["status"]})',
+              flush=True)
     set_grad_checkpointing(model, False)
     model = None
     reset_memory(device)
@@ -570,8 +572,8 @@ def retrieval(args, record, results, deadline):
     lengths = torch.randint(10, 23, (n_txt,), generator=g)
     text_ids, text_atts = random_ids(lengths, 30, vocab_size, g, last=102)
     text_ids, text_atts = text_ids.to(device), text_atts.to(device)
-    images = torch.randn(n_img, 3, res, res, generator=torch.Generator(device=device).manual_seed(0),
-                         device=device)
+    images = torch.randn(n_img, 3, res, res, device=device,
+                         generator=torch.Generator(device=device).manual_seed(0))
     # Ground truth of a Flickr30K-like split: caption t describes image t * I // T.
     txt2img = [t * n_img // n_txt for t in range(n_txt)]
     img2txt = [[] for _ in range(n_img)]
@@ -604,7 +606,8 @@ def retrieval(args, record, results, deadline):
                 for path, fn in (('plain', itm_score_matrices_plain), ('fast', itm_score_matrices)):
                     sync(device)
                     start = time.perf_counter()
-                    scores[path] = fn(model, image_embeds, text_embeds, text_atts, sims, args.k_test)
+                    scores[path] = fn(model, image_embeds, text_embeds, text_atts, sims,
+                                      args.k_test)
                     sync(device)
                     entry[f'{path}_s'] = time.perf_counter() - start
                     results.save()
@@ -628,8 +631,8 @@ def retrieval(args, record, results, deadline):
         except Exception as error:
             entry.update(error_record(error))
         results.save()
-        print(f'  retrieval {precision}: plain {entry.get("plain_s")} s, fast {entry.get("fast_s")} s '
-              f'({entry["status"]})', flush=True)
+        print(f'  retrieval {precision}: plain {entry.get("plain_s")} s, fast '
+              f'{entry.get("fast_s")} s ({entry["status"]})', flush=True)
     model = None
     reset_memory(device)
 
@@ -656,8 +659,8 @@ def table(data):
                  f'{_fmt(peaks.get("tf32"), ".4g")}')
     tests = data.get('tests', {})
     if tests:
-        lines.append(f'tests/test_cuda.py: {tests.get("counts")} (returncode {tests.get("returncode")}, '
-                     f'{tests.get("status")})')
+        lines.append(f'tests/test_cuda.py: {tests.get("counts")} (returncode '
+                     f'{tests.get("returncode")}, {tests.get("status")})')
     pre = data.get('pretrain', {})
     if pre:
         lines.append(f'pre-training step, batch {pre.get("batch")} at {pre.get("image_res")} px '
@@ -674,7 +677,8 @@ def table(data):
                          + ('' if v.get('status') == 'ok' else f'  [{v.get("status")}]'))
     vq = data.get('vqa', {})
     if vq:
-        lines.append(f'VQA step, batch {vq.get("batch")} at {vq.get("image_res")} px ({vq.get("status")}):')
+        lines.append(f'VQA step, batch {vq.get("batch")} at {vq.get("image_res")} px '
+                     f'({vq.get("status")}):')
         for name, v in (vq.get('variants') or {}).items():
             lines.append(f'  {name:24s} {_fmt(v.get("s_per_step"), "8.3f")} s/step  peak '
                          f'{_fmt(v.get("peak_allocated_gb"), ".2f")} GB  x plain '
@@ -713,7 +717,8 @@ def target_lines(data):
         f'{_fmt(best_mfu, ".1%")} ({verdict(best_mfu, TARGETS["mfu"])})',
         f'  retrieval evaluation fast >= {TARGETS["retrieval_speedup"]:.0f}x plain at equal '
         f'recalls (fp32): {_fmt(fp32.get("speedup"), ".2f")}x, recalls equal '
-        f'{fp32.get("recalls_equal")} ({verdict(fp32.get("speedup"), TARGETS["retrieval_speedup"], fp32.get("recalls_equal"))})',
+        f'{fp32.get("recalls_equal")} ('
+        f'{verdict(fp32.get("speedup"), TARGETS["retrieval_speedup"], fp32.get("recalls_equal"))})',
     ]
 
 
@@ -731,7 +736,8 @@ def parse_args(argv=None):
     parser.add_argument('--batch', type=int, default=None, help='pre-training batch (64; smoke 4)')
     parser.add_argument('--vqa_batch', type=int, default=None, help='VQA batch (the config\'s '
                                                                     'batch_size_train; smoke 4)')
-    parser.add_argument('--steps', type=int, default=None, help='timed steps per variant (5; smoke 1)')
+    parser.add_argument('--steps', type=int, default=None,
+                        help='timed steps per variant (5; smoke 1)')
     parser.add_argument('--warmup', type=int, default=None, help='steps before timing (2; smoke 1)')
     parser.add_argument('--images', type=int, default=None, help='retrieval images (1000; smoke 8)')
     parser.add_argument('--captions', type=int, default=None,
@@ -739,7 +745,8 @@ def parse_args(argv=None):
     parser.add_argument('--k_test', type=int, default=None,
                         help='retrieval candidates per query (16, the paper\'s Flickr30K 128 '
                              'scaled down to fit the call; smoke 4)')
-    parser.add_argument('--image_batch', type=int, default=64, help='images per ViT call (retrieval)')
+    parser.add_argument('--image_batch', type=int, default=64,
+                        help='images per ViT call (retrieval)')
     parser.add_argument('--matmul_n', type=int, default=None, help='matmul size (8192; smoke 256)')
     parser.add_argument('--matmul_reps', type=int, default=10)
     parser.add_argument('--compile_backend', default=None,

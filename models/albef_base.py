@@ -84,7 +84,8 @@ def sample_negatives_batched(weights):
     uniformly from the other columns instead.
     """
     weights = finite_sampling_weights(weights)
-    weights = torch.where(weights.sum(dim=1, keepdim=True) > 0, weights, _uniform_off_diagonal(weights))
+    weights = torch.where(weights.sum(dim=1, keepdim=True) > 0, weights,
+                          _uniform_off_diagonal(weights))
     noise = torch.empty_like(weights).exponential_(1)
     return (weights / noise).argmax(dim=1)
 

@@ -74,7 +74,8 @@ def test_smoke_run_records_every_section_with_numbers(smoke):
 
 def test_defaults_are_the_full_size_run():
     args = gpu_check.parse_args([])
-    assert (args.batch, args.steps, args.images, args.captions, args.k_test) == (64, 5, 1000, 5000, 16)
+    assert (args.batch, args.steps, args.images, args.captions, args.k_test) == \
+        (64, 5, 1000, 5000, 16)
     assert args.pretrain_config == 'configs/Pretrain.yaml' and args.vqa_batch == 32
     assert args.retrieval_config == 'configs/Retrieval_flickr.yaml'
     assert args.sections == list(gpu_check.SECTIONS) and args.variants == list(gpu_check.VARIANTS)
@@ -86,7 +87,8 @@ def test_defaults_are_the_full_size_run():
 
 def test_table_of_a_partial_record():
     """A run stopped early leaves some sections out: the table still prints, targets unmeasured."""
-    text = gpu_check.table({'meta': {}, 'environment': {'name': 'GPU', 'peak_tflops': {'bf16': 700.0}},
-                            'pretrain': {'variants': {'plain_fp32': {'status': 'ok', 's_per_step': 1.0},
-                                                      'fast_bf16_compile': {'status': 'skipped'}}}})
+    variants = {'plain_fp32': {'status': 'ok', 's_per_step': 1.0},
+                'fast_bf16_compile': {'status': 'skipped'}}
+    text = gpu_check.table({'meta': {}, 'pretrain': {'variants': variants},
+                            'environment': {'name': 'GPU', 'peak_tflops': {'bf16': 700.0}}})
     assert 'plain_fp32' in text and '[skipped]' in text and text.count('not measured') == 3
