@@ -53,6 +53,9 @@ def test_demo_runs_every_stage_then_skips_them(workdir, tmp_path, capsys):
         assert 0 <= r['value'] <= (100 if '%' in r['metric'] else 1), task
         assert r['chance'] is not None and r['seconds'] > 0
     assert results['vqa']['text_only'] is not None and results['nlvr']['text_only'] is not None
+    similarity = results['vqa']['question_similarity']  # cosines of different questions' states
+    assert set(similarity) == {'pretrained', 'fine-tuned'}
+    assert all(-1 <= v <= 1 for v in similarity.values())
     assert (out / 'results.json').is_file()
     assert json.loads((out / 'results.json').read_text())['vqa']['value'] == results['vqa']['value']
     assert all((out / 'stages' / f'{name}.json').is_file() for name, _, _ in demo.STAGES)
@@ -190,3 +193,14 @@ def test_grounding_chance_on_the_synthetic_detections(tmp_path):
              '11': [[0, 0, 10, 10, 1], [20, 20, 10, 10, 1], [40, 40, 5, 5, 1], [60, 60, 5, 5, 1]],
              '12': []}
     assert grounding_chance(fake, boxes) == {'val_d': 0.5, 'testA_d': 0.25, 'testB_d': 0.25}
+
+
+def test_question_similarity_is_one_for_the_same_question(workdir, tmp_path, monkeypatch):
+    """The collapse measure: one question asked four times gives identical fused states."""
+    out = tmp_path / 'demo'
+    demo.run(out, 'cpu', workdir=workdir, stages=['data', 'init', 'pretrain'])
+    monkeypatch.chdir(workdir)
+    checkpoint = demo.Context(str(out), 'cpu', 42).pretrained()
+    records = json.loads((workdir / demo.DATA / 'vqa_val.json').read_text())
+    monkeypatch.setattr(demo, 'PROBE_QUESTIONS', ('what color is the shape?',) * 4)
+    assert demo.question_similarity(checkpoint, records, 'cpu', count=3) == pytest.approx(1, abs=1e-5)

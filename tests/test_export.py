@@ -44,7 +44,8 @@ def training_file(setup):  # noqa: F811
     path = data / 'retrieval_training.pth'
     utils.save_checkpoint({**checkpoint, 'optimizer': optimizer.state_dict(),
                            'lr_scheduler': create_scheduler(checkpoint['config']['schedular'],
-                                                            optimizer).state_dict()}, path)
+                                                            optimizer, steps_per_epoch=2).state_dict()},
+                          path)
     return path
 
 

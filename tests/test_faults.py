@@ -35,7 +35,7 @@ from dataset.loaders import SeededDataset, train_loader
 from engine import train_one_epoch
 from models.checkpoint import CheckpointError, read_checkpoint
 from scheduler import create_scheduler
-from tests.tiny import ROOT, tiny_config
+from tests.tiny import ROOT, python_path, tiny_config
 
 TRANSFORM = create_transform('pretrain', 16)
 
@@ -457,7 +457,7 @@ def test_a_dead_rank_makes_the_other_exit_with_a_clear_error(tmp_path):
     config = data / 'pretrain.yaml'
     tiny_config('Pretrain.yaml', data, config, batch_size=4, queue_size=16,
                 schedular=dict(epochs=3, warmup_epochs=1))
-    base = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1', 'WORLD_SIZE': '2',
+    base = {**os.environ, 'PYTHONPATH': python_path(), 'OMP_NUM_THREADS': '1', 'WORLD_SIZE': '2',
             'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(32500 + os.getpid() % 1000)}
     base.pop(engine.EXIT_AFTER_STEPS_ENV, None)
     cmd = [sys.executable, 'Pretrain.py', '--config', str(config), '--output_dir', str(tmp_path / 'out'),

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from albef import hub  # noqa: E402
+from tests.tiny import python_path  # noqa: E402
 
 
 class Server:
@@ -270,7 +271,7 @@ def test_checkpoint_url_in_a_task_script(server, tmp_path, caplog):
 
 def test_only_rank_zero_downloads(server, tmp_path):
     server.files['tiny.pth'] = tiny_file(seed=2)
-    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'}
+    env = {**os.environ, 'PYTHONPATH': python_path(), 'OMP_NUM_THREADS': '1'}
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
            '--master_port', str(29500 + (os.getpid() + 500) % 1000), __file__,
            server.url, str(tmp_path / 'cache')]

@@ -14,7 +14,7 @@ from dataset.synthetic import generate
 from models.checkpoint import load_checkpoint
 from models.model_pretrain import ALBEF
 from models.tokenization_bert import BertTokenizer
-from tests.tiny import ROOT, tiny_config
+from tests.tiny import ROOT, python_path, tiny_config
 
 STEPS_PER_EPOCH = 6  # 24 synthetic images, batch 4
 
@@ -76,7 +76,7 @@ def test_resume_continues_model_queues_optimizer_and_schedule(tiny_setup, tmp_pa
     assert steps == {2 * STEPS_PER_EPOCH}
     # the queue pointer continued from where epoch 0 left it
     assert int(second['model']['queue_ptr']) == (2 * STEPS_PER_EPOCH * 4) % 16
-    assert second['lr_scheduler']['last_t'] == 2  # epoch 1 + warmup_epochs 1
+    assert second['lr_scheduler']['last_t'] == 2 * STEPS_PER_EPOCH  # the tiny config steps per step
 
 
 def test_bad_checkpoint_and_unknown_config_key_are_clear_errors(tiny_setup, tmp_path):
@@ -91,7 +91,7 @@ def test_bad_checkpoint_and_unknown_config_key_are_clear_errors(tiny_setup, tmp_
 
 def test_two_process_torchrun_pretraining(tiny_setup, tmp_path):
     config_path, _ = tiny_setup
-    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'}
+    env = {**os.environ, 'PYTHONPATH': python_path(), 'OMP_NUM_THREADS': '1'}
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
            '--master_port', str(30500 + os.getpid() % 1000), 'Pretrain.py',
            '--config', str(config_path), '--output_dir', str(tmp_path), '--device', 'cpu',

@@ -16,7 +16,7 @@ import Pretrain
 import engine
 from dataset.loaders import ResumableSampler, SeededDataset
 from dataset.synthetic import generate
-from tests.tiny import ROOT, tiny_config
+from tests.tiny import ROOT, python_path, tiny_config
 
 EXIT_CODE = 75  # engine.Run's abrupt exit
 
@@ -32,7 +32,7 @@ def config_path(tmp_path_factory):
 
 
 def pretrain(config_path, output_dir, *opts, nproc=1, exit_after=None, resume_run=False):
-    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'}
+    env = {**os.environ, 'PYTHONPATH': python_path(), 'OMP_NUM_THREADS': '1'}
     env.pop(engine.EXIT_AFTER_STEPS_ENV, None)
     if exit_after is not None:
         env[engine.EXIT_AFTER_STEPS_ENV] = str(exit_after)

@@ -24,7 +24,7 @@ import Retrieval
 import VE
 import VQA
 import engine
-from tests.tiny import ROOT, synthetic_with_pretrained, tiny_config
+from tests.tiny import ROOT, python_path, synthetic_with_pretrained, tiny_config
 
 
 class Killed(BaseException):
@@ -204,7 +204,7 @@ def run_process(setup, name, output_dir, *extra, exit_after=None):
     abrupt-exit hook (no clean-up, as kill -9) once `exit_after` steps are done."""
     data, pretrained, _, _ = setup
     script = SCRIPTS[name]
-    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'}
+    env = {**os.environ, 'PYTHONPATH': python_path(), 'OMP_NUM_THREADS': '1'}
     env.pop(engine.EXIT_AFTER_STEPS_ENV, None)
     if exit_after is not None:
         env[engine.EXIT_AFTER_STEPS_ENV] = str(exit_after)

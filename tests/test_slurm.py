@@ -12,7 +12,7 @@ import torch
 
 import utils
 from dataset.synthetic import generate
-from tests.tiny import ROOT, tiny_config
+from tests.tiny import ROOT, python_path, tiny_config
 
 SLURM_AND_TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
 
@@ -57,7 +57,7 @@ def config_path(tmp_path_factory):
 def srun_task(config_path, output_dir, procid, ntasks, job_id, *extra):
     env = {key: value for key, value in os.environ.items()
            if key not in SLURM_AND_TORCHRUN_VARS and not key.startswith('SLURM_')}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1', SLURM_PROCID=str(procid),
+    env.update(PYTHONPATH=python_path(), OMP_NUM_THREADS='1', SLURM_PROCID=str(procid),
                SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(procid), SLURM_JOB_ID=str(job_id),
                SLURM_JOB_NODELIST='127.0.0.[1]')
     cmd = [sys.executable, 'Pretrain.py', '--config', str(config_path), '--output_dir',

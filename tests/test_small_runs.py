@@ -83,7 +83,7 @@ def test_per_step_schedule_errors():
 
 
 def test_config_schema_has_the_schedule_keys():
-    config = utils.with_defaults(utils.load_config('configs/tiny/VE.yaml'), 've')
+    config = utils.with_defaults(utils.load_config('configs/VE.yaml'), 've')
     assert config['schedular']['step_every'] == 'epoch'  # the original's, unless asked
     with pytest.raises(utils.ConfigError, match='warmup_steps needs schedular.step_every: step'):
         utils.validate(utils.apply_overrides(config, ['schedular.warmup_steps=10']), 've')

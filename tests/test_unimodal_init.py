@@ -49,3 +49,21 @@ def test_label_map_covers_the_pixels_render_paints():
         scene = type(scene)(scene.objects, scene.background, -1)  # plain background
         painted = (np.array(render(scene, 96)) != np.array(scene.background)).any(-1)
         assert ((label_map(scene, 96, lambda o: 1) > 0) == painted).all()
+
+
+def test_the_shipped_tiny_vit_is_the_tools_output_for_the_tiny_config():
+    """configs/tiny/vit_init.pth (the demo's image-encoder start, as DeiT is the paper's): made
+    by tools.unimodal_init, DeiT's layout, and loads strictly into the tiny config's ViT."""
+    import torch
+
+    from models.vit import vit_from_config
+    from tests.tiny import ROOT
+    from tools.unimodal_init import ViTClassifier
+    from utils import load_config
+    saved = torch.load(ROOT / 'configs/tiny/vit_init.pth', map_location='cpu', weights_only=True)
+    assert saved['made_by'].startswith('tools.unimodal_init --vit_scenes ')
+    assert saved['checks']['patch_shape'] > 0.5 and saved['labels'] == LABELS
+    config = load_config(ROOT / 'configs/tiny/Pretrain.yaml')
+    vit = vit_from_config(config)
+    vit.load_state_dict({k: v for k, v in saved['model'].items() if not k.startswith('head.')})
+    ViTClassifier.from_file(ROOT / 'configs/tiny/vit_init.pth', config)  # the patch head too

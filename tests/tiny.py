@@ -1,10 +1,17 @@
 """Tiny model settings and synthetic data shared by the script tests."""
 import json
+import os
 from pathlib import Path
 
 from utils import load_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def python_path():
+    """PYTHONPATH for a child process: the repository first, then what the caller's had
+    (packages installed with --target, e.g. on a GPU machine, stay importable)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get('PYTHONPATH')) if p)
 
 # A model small enough for a few CPU steps per test: ViT 1x32 at 32 px, BERT 1+1 layers of 32.
 TINY_MODEL = dict(image_res=32, patch_size=8, vision_width=32, vit_depth=1, vit_heads=2,
@@ -38,6 +45,8 @@ def tiny_config(template, data_dir, path, unimodal_init=False, **changes):
                            for v in value]
     config.update(bert_config=str(write_tiny_bert(data_dir)), num_workers=0, print_freq=2,
                   **{k: v for k, v in TINY_MODEL.items() if k in config})
+    if 'warmup_steps' in config['schedular']:  # sized for the demo's data, longer than a test's run
+        config['schedular']['warmup_steps'] = 0
     schedular = changes.pop('schedular', {})
     config.update(changes)
     config['schedular'].update(schedular)

@@ -139,11 +139,12 @@ class ViTClassifier(nn.Module):
         model.patch_head.load_state_dict(saved['patch_head'])
         return model
 
-    def save(self, path, made_by):
+    def save(self, path, made_by, checks):
         """DeiT's layout ({'model': ViT + `head.*`}, what init_deit reads), with the patch
-        classifier (for the checks of a copy) and how the file was made beside it."""
+        classifier (for the checks of a copy), how the file was made and its held-out figures."""
         torch.save({'model': self.deit_state_dict(), 'labels': LABELS,
-                    'patch_head': self.patch_head.state_dict(), 'made_by': made_by}, path)
+                    'patch_head': self.patch_head.state_dict(), 'made_by': made_by,
+                    'checks': checks}, path)
 
     def deit_state_dict(self):
         return {**self.vit.state_dict(), **{f'head.{k}': v for k, v in self.head.state_dict().items()}}
@@ -312,7 +313,7 @@ def main(argv=None):
     vit.save(os.path.join(args.out, 'vit.pth'), made_by=(
         f'copied from {args.vit}' if args.vit else
         f'tools.unimodal_init --vit_scenes {args.vit_scenes} --vit_lr {args.vit_lr} '
-        f'--batch_size {args.batch_size} --seed {args.seed}'))
+        f'--batch_size {args.batch_size} --seed {args.seed}'), checks=checks)
     logger.info('ViT: %.1f%% of the objects in %d held-out images among their top-ranked labels '
                 '(chance %.1f%%); held-out object patches named right: colour %.1f%%, shape '
                 '%.1f%% (chance 20%%), size %.1f%% (%.0f s)', 100 * checks['object_recall'],
