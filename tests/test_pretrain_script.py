@@ -76,7 +76,7 @@ def test_resume_continues_model_queues_optimizer_and_schedule(tiny_setup, tmp_pa
     assert steps == {2 * STEPS_PER_EPOCH}
     # the queue pointer continued from where epoch 0 left it
     assert int(second['model']['queue_ptr']) == (2 * STEPS_PER_EPOCH * 4) % 16
-    assert second['lr_scheduler']['last_t'] == 2 * STEPS_PER_EPOCH  # the tiny config steps per step
+    assert second['lr_scheduler']['last_t'] == 2  # epoch 1 + warmup_epochs 1
 
 
 def test_bad_checkpoint_and_unknown_config_key_are_clear_errors(tiny_setup, tmp_path):
