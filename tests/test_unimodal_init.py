@@ -67,3 +67,19 @@ def test_the_shipped_tiny_vit_is_the_tools_output_for_the_tiny_config():
     vit = vit_from_config(config)
     vit.load_state_dict({k: v for k, v in saved['model'].items() if not k.startswith('head.')})
     ViTClassifier.from_file(ROOT / 'configs/tiny/vit_init.pth', config)  # the patch head too
+
+
+def test_a_vit_file_not_made_by_the_tool_is_a_clear_error(tmp_path, capsys):
+    import torch
+
+    from tools import unimodal_init
+    from tools.unimodal_init import ViTClassifier
+    from utils import load_config
+    config = load_config('configs/tiny/Pretrain.yaml')
+    deit_only = tmp_path / 'deit.pth'
+    torch.save({'model': {}}, deit_only)
+    with pytest.raises(ValueError, match="not a ViT saved by tools.unimodal_init"):
+        ViTClassifier.from_file(deit_only, config)
+    with pytest.raises(SystemExit):
+        unimodal_init.main(['--vit', str(tmp_path / 'absent.pth'), '--out', str(tmp_path / 'out')])
+    assert 'absent.pth: no such file' in capsys.readouterr().err

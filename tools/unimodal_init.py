@@ -131,7 +131,12 @@ class ViTClassifier(nn.Module):
     @classmethod
     def from_file(cls, path, config):
         """A ViT saved by `save` (for the tiny config's sizes: loading is strict)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'--vit {path}: no such file')
         saved = torch.load(path, map_location='cpu', weights_only=True)
+        if not isinstance(saved, dict) or not {'model', 'patch_head'} <= set(saved):
+            raise ValueError(f'--vit {path}: not a ViT saved by tools.unimodal_init (its '
+                             "'model' and 'patch_head' entries are missing)")
         model = cls(config, len(LABELS))
         vit = {k: v for k, v in saved['model'].items() if not k.startswith('head.')}
         model.vit.load_state_dict(vit)
@@ -288,6 +293,8 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args(argv)
+    if args.vit and not os.path.isfile(args.vit):
+        parser.error(f'--vit {args.vit}: no such file')
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
     torch.manual_seed(args.seed)
 
