@@ -198,17 +198,23 @@ def test_grouped_cross_attention_equals_gathered_keys_values():
     atts = torch.ones(6, 7, dtype=torch.long)
     atts[2, 4:] = 0
     image_of_row = torch.tensor([2, 0, 2, 3, 2, 0])  # image 1 unused
+    assert_same_fusion(bert, image_embeds, text_embeds, atts,
+                       lambda kv: kv.select(image_of_row), lambda kv: kv.select_grouped(image_of_row))
+
+
+def assert_same_fusion(bert, image_embeds, text_embeds, atts, *layouts):
+    """The fusion layers' output and the gradients of the text states, the image states and a
+    cross-attention weight are the same for every `layout` (image key/values -> the rows'
+    key/values)."""
     results = []
-    for grouped in (False, True):
+    for layout in layouts:
         bert.zero_grad()
         image_embeds.grad = text_embeds.grad = None
-        key_values = bert.image_key_values(image_embeds)
-        key_values = (key_values.select_grouped(image_of_row) if grouped
-                      else key_values.select(image_of_row))
+        key_values = layout(bert.image_key_values(image_embeds))
         out = bert(encoder_embeds=text_embeds, attention_mask=atts,
                    encoder_hidden_states=key_values, mode='fusion').last_hidden_state
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         results.append((out.detach(), image_embeds.grad, text_embeds.grad,
                         bert.encoder.layer[2].crossattention.self.key.weight.grad))
-    for plain, grouped in zip(*results):
-        assert torch.allclose(plain, grouped, atol=1e-6, rtol=1e-5)
+    for first, other in zip(results[0], results[1]):
+        assert torch.allclose(first, other, atol=1e-6, rtol=1e-5)

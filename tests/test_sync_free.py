@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from models.albef_base import mask_tokens, sample_negatives_batched, sparse_embedding
 from models.xbert import BertConfig, BertModel, masked_lm_loss
+from tests.test_fast_train import assert_same_fusion
 
 TOKENIZER = types.SimpleNamespace(pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3)
 
@@ -83,20 +84,9 @@ def test_block_cross_attention_equals_gathered_keys_values():
     atts[2, 4:] = atts[7, 3:] = 0
     drawn = torch.tensor([2, 0, 2])
     rows = torch.arange(3)
-    results = []
-    for blocks in (False, True):
-        bert.zero_grad()
-        image_embeds.grad = text_embeds.grad = None
-        key_values = bert.image_key_values(image_embeds)
-        key_values = (key_values.select_blocks([None, drawn, None]) if blocks
-                      else key_values.select(torch.cat([rows, drawn, rows])))
-        out = bert(encoder_embeds=text_embeds, attention_mask=atts,
-                   encoder_hidden_states=key_values, mode='fusion').last_hidden_state
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        results.append((out.detach(), image_embeds.grad, text_embeds.grad,
-                        bert.encoder.layer[2].crossattention.self.key.weight.grad))
-    for gathered, blocked in zip(*results):
-        assert torch.allclose(gathered, blocked, atol=1e-6, rtol=1e-5)
+    assert_same_fusion(bert, image_embeds, text_embeds, atts,
+                       lambda kv: kv.select(torch.cat([rows, drawn, rows])),
+                       lambda kv: kv.select_blocks([None, drawn, None]))
 
 
 def test_compiled_layers_keep_their_graphs_across_steps():
