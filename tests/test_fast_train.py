@@ -4,7 +4,6 @@ weights and queues, to float32 rounding."""
 import copy
 import types
 
-import pytest
 import torch
 
 from models.albef_base import mask_tokens, sample_negatives_batched
