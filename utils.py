@@ -131,6 +131,7 @@ OPTIMIZER = {
     'lr': Key((float,), low=0.0),
     'weight_decay': Key((float,), low=0.0),
     'fused': Key((bool,), "torch's fused AdamW kernel (same update up to rounding)", default=False),
+    'lr_scale': Key((dict,), 'LR multiplier per module path, e.g. {visual_encoder: 0.1}'),
 }
 
 SCHEDULE = {  # `schedular`: the original's spelling is the key

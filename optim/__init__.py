@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-_ALLOWED_KEYS = ('opt', 'lr', 'weight_decay', 'fused')
+_ALLOWED_KEYS = ('opt', 'lr', 'weight_decay', 'fused', 'lr_scale')
 
 
 def param_groups_weight_decay(model, weight_decay):
@@ -26,6 +26,44 @@ def param_groups_weight_decay(model, weight_decay):
             decay.append(param)
     return [{'params': no_decay, 'weight_decay': 0.0},
             {'params': decay, 'weight_decay': weight_decay}]
+
+
+def _check_lr_scale(lr_scale, model):
+    """{module path: multiplier} from `optimizer.lr_scale`, each path naming a module of `model`
+    with trainable parameters."""
+    if not isinstance(lr_scale, dict) or not lr_scale:
+        raise TypeError('optimizer config: lr_scale must be a mapping {module path: multiplier}, '
+                        f'e.g. {{visual_encoder: 0.1}}; got {lr_scale!r}')
+    modules = dict(model.named_modules())
+    for path, scale in lr_scale.items():
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 0:
+            raise ValueError(f'optimizer config: lr_scale.{path} must be a number >= 0, got {scale!r}')
+        if path not in modules:
+            raise KeyError(f'optimizer config: lr_scale names {path!r}, not a module of '
+                           f'{type(model).__name__}; its top-level modules: '
+                           f'{sorted(n for n, _ in model.named_children())}')
+        if not any(p.requires_grad for p in modules[path].parameters()):
+            raise ValueError(f'optimizer config: lr_scale.{path}: the module has no trainable '
+                             'parameters')
+    return {path: float(scale) for path, scale in lr_scale.items()}
+
+
+def param_groups_lr_scale(model, weight_decay, lr_scale):
+    """The weight-decay groups, each split by LR multiplier: a parameter under a module path of
+    `lr_scale` (the longest one that matches) gets that group's `lr_scale`; the scheduler
+    multiplies its LR by it (as MAE's layer-wise decay does). Groups are [no-decay, decay] at
+    scale 1, then a pair per multiplier, in the order of the config."""
+    def scale_of(name):
+        matches = [path for path in lr_scale if name == path or name.startswith(path + '.')]
+        return lr_scale[max(matches, key=len)] if matches else 1.0
+
+    scale = {id(p): scale_of(name) for name, p in model.named_parameters()}
+    groups = []
+    for value in [1.0] + [s for s in dict.fromkeys(lr_scale.values()) if s != 1.0]:
+        for group in param_groups_weight_decay(model, weight_decay):
+            params = [p for p in group['params'] if scale[id(p)] == value]
+            groups.append({**group, 'params': params, 'lr_scale': value})
+    return groups
 
 
 def create_optimizer(config_optimizer, model, sharding=None):
@@ -51,8 +89,14 @@ def create_optimizer(config_optimizer, model, sharding=None):
         raise ValueError(f"optimizer config: opt={opt!r} is not supported; allowed: 'adamW'")
     lr, weight_decay = float(config_optimizer['lr']), float(config_optimizer['weight_decay'])
 
-    groups = param_groups_weight_decay(model, weight_decay)
-    params = groups[0]['params'] + groups[1]['params']
+    lr_scale = config_optimizer.get('lr_scale')
+    if lr_scale is None:
+        groups = param_groups_weight_decay(model, weight_decay)
+    else:
+        groups = param_groups_lr_scale(model, weight_decay, _check_lr_scale(lr_scale, model))
+        for group in groups:  # the schedule's base LR stays `lr`; the group runs at lr x scale
+            group['initial_lr'], group['lr'] = lr, lr * group['lr_scale']
+    params = [p for group in groups for p in group['params']]
     if not params:
         raise ValueError('create_optimizer: the model has no trainable parameters')
     # The original (timm) used a single group when weight_decay was 0; the update is the same,

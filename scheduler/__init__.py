@@ -83,8 +83,9 @@ class CosineLRScheduler:
         self.step(num_updates)
 
     def _set_lrs(self, lrs):
+        # `lr_scale` (optimizer.lr_scale): the group runs at that multiple of the schedule.
         for group, lr in zip(self.optimizer.param_groups, lrs):
-            group['lr'] = lr
+            group['lr'] = lr * group.get('lr_scale', 1.0)
 
     def state_dict(self):
         state = {key: getattr(self, key) for key in _STATE_KEYS}

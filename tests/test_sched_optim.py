@@ -173,3 +173,71 @@ def test_scheduler_config_errors():
         create_scheduler({k: v for k, v in SCHED.items() if k != 'epochs'}, opt)
     with pytest.raises(TypeError, match='min_lr'):
         create_scheduler({**SCHED, 'min_lr': '1e-5'}, opt)
+
+
+class TwoTowers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.visual_encoder = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+        self.text_encoder = nn.Linear(3, 3)
+
+
+def test_lr_scale_runs_a_module_at_a_multiple_of_the_schedule():
+    model = TwoTowers()
+    opt = create_optimizer({**OPT, 'lr': 1e-3, 'lr_scale': {'visual_encoder': 0.1,
+                                                            'visual_encoder.1': 0.0}}, model)
+    by_param = {id(p): g for g in opt.param_groups for p in g['params']}
+    assert len(by_param) == sum(1 for _ in model.parameters())  # each parameter once
+    scale = {name: by_param[id(p)]['lr_scale'] for name, p in model.named_parameters()}
+    # The longest matching module path wins; unnamed modules run at the schedule's LR.
+    assert scale == {'visual_encoder.0.weight': 0.1, 'visual_encoder.0.bias': 0.1,
+                     'visual_encoder.1.weight': 0.0, 'visual_encoder.1.bias': 0.0,
+                     'text_encoder.weight': 1.0, 'text_encoder.bias': 1.0}
+    # Weight decay keeps its grouping inside every multiplier.
+    assert by_param[id(model.visual_encoder[0].bias)]['weight_decay'] == 0.0
+    assert by_param[id(model.visual_encoder[0].weight)]['weight_decay'] == 0.02
+    sched = create_scheduler({**SCHED, 'warmup_epochs': 1, 'warmup_lr': 1e-4, 'epochs': 4}, opt)
+    for t in (0, 1, 3):
+        sched.step(t)
+        for group in opt.param_groups:
+            expected = cosine_lr(t, 1e-3, epochs=4, min_lr=1e-5, warmup_lr=1e-4, warmup_epochs=1)
+            assert group['lr'] == pytest.approx(expected * group['lr_scale'])
+    # A module at scale 0 does not move; the others do.
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(4, 3)
+    loss = model.visual_encoder(x).pow(2).sum() + model.text_encoder(x).pow(2).sum()
+    loss.backward()
+    opt.step()
+    after = model.state_dict()
+    assert torch.equal(before['visual_encoder.1.weight'], after['visual_encoder.1.weight'])
+    assert not torch.equal(before['visual_encoder.0.weight'], after['visual_encoder.0.weight'])
+    assert not torch.equal(before['text_encoder.weight'], after['text_encoder.weight'])
+
+
+def test_lr_scale_survives_a_checkpoint_round_trip():
+    model = TwoTowers()
+    config = {**OPT, 'lr_scale': {'visual_encoder': 0.5}}
+    opt = create_optimizer(config, model)
+    sched = create_scheduler({**SCHED, 'warmup_epochs': 0}, opt)
+    sched.step(5)
+    fresh = create_optimizer(config, model)
+    fresh.load_state_dict(opt.state_dict())
+    resumed = create_scheduler({**SCHED, 'warmup_epochs': 0}, fresh)
+    resumed.load_state_dict(sched.state_dict())
+    resumed.step(6)
+    sched.step(6)
+    assert [g['lr'] for g in fresh.param_groups] == [g['lr'] for g in opt.param_groups]
+    assert {g['lr_scale'] for g in fresh.param_groups} == {1.0, 0.5}
+
+
+def test_lr_scale_errors():
+    model = TwoTowers()
+    with pytest.raises(KeyError, match="'vision'.*not a module.*text_encoder"):
+        create_optimizer({**OPT, 'lr_scale': {'vision': 0.1}}, model)
+    with pytest.raises(ValueError, match='>= 0'):
+        create_optimizer({**OPT, 'lr_scale': {'visual_encoder': -1}}, model)
+    with pytest.raises(TypeError, match='mapping'):
+        create_optimizer({**OPT, 'lr_scale': 0.1}, model)
+    model.text_encoder.requires_grad_(False)
+    with pytest.raises(ValueError, match='no trainable'):
+        create_optimizer({**OPT, 'lr_scale': {'text_encoder': 0.1}}, model)
