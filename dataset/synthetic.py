@@ -66,7 +66,7 @@ SIZE_PRESETS = {
     'tiny': dict(pretrain=24, re_train=12, re_val=6, re_test=6, vqa_train=40, vqa_val=10, vqa_test=10,
                  nlvr_train=24, nlvr_dev=10, nlvr_test=10, ve_train=30, ve_dev=12, ve_test=12,
                  grounding_train=12, grounding_val=4, grounding_testA=4, grounding_testB=4),
-    'small': dict(pretrain=2000, re_train=300, re_val=100, re_test=100, vqa_train=1500, vqa_val=300,
+    'small': dict(pretrain=2000, re_train=300, re_val=100, re_test=100, vqa_train=6000, vqa_val=300,
                   vqa_test=150, nlvr_train=1500, nlvr_dev=200, nlvr_test=300, ve_train=1500,
                   ve_dev=300, ve_test=300, grounding_train=300, grounding_val=50, grounding_testA=50,
                   grounding_testB=50),
