@@ -126,7 +126,7 @@ class Spy:
 
 def options_a(name):
     return ['precision=bf16', 'grad_checkpointing=true', 'accum_steps=2', 'optimizer.fused=true',
-            'print_freq=1', 'compile=eager']
+            'print_freq=1', 'compile=eager', 'optimizer.lr_scale={visual_encoder: 0.5}']
 
 
 def options_b(name):
@@ -149,6 +149,9 @@ def test_options_a_take_effect(data, name, tmp_path, monkeypatch, caplog):
     assert {backend for _, backend in spy.compiled} == {'eager'}
     assert spy.optimizer_steps == math.ceil(spy.micro_batches / 2) > 0    # accum_steps=2
     assert spy.optimizers[0].defaults['fused'] is True                    # optimizer.fused
+    groups = spy.optimizers[0].param_groups                                # optimizer.lr_scale
+    assert {g['lr_scale'] for g in groups} == {1.0, 0.5}
+    assert all(g['lr'] == pytest.approx(0.5 * groups[0]['lr']) for g in groups if g['lr_scale'] == 0.5)
     progress = [r.getMessage() for r in caplog.records if 'Train Epoch' in r.getMessage()
                 and 'eta:' in r.getMessage()]
     assert len(progress) == spy.micro_batches                             # print_freq=1
