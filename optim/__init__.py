@@ -58,9 +58,9 @@ def param_groups_lr_scale(model, weight_decay, lr_scale):
         return lr_scale[max(matches, key=len)] if matches else 1.0
 
     scale = {id(p): scale_of(name) for name, p in model.named_parameters()}
-    groups = []
+    by_decay, groups = param_groups_weight_decay(model, weight_decay), []
     for value in [1.0] + [s for s in dict.fromkeys(lr_scale.values()) if s != 1.0]:
-        for group in param_groups_weight_decay(model, weight_decay):
+        for group in by_decay:
             params = [p for p in group['params'] if scale[id(p)] == value]
             groups.append({**group, 'params': params, 'lr_scale': value})
     return groups
