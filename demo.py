@@ -181,14 +181,14 @@ def stage_report(ctx):
 
 STAGES = [
     ('data', 10, stage_data),
-    ('init', 35, stage_init),
-    ('pretrain', 170, stage_pretrain),
-    ('retrieval', 50, stage_retrieval),
-    ('vqa', 55, stage_vqa),
-    ('nlvr_pretrain', 30, stage_nlvr_pretrain),
-    ('nlvr', 130, stage_nlvr),
-    ('ve', 40, stage_ve),
-    ('grounding', 30, stage_grounding),
+    ('init', 40, stage_init),
+    ('pretrain', 225, stage_pretrain),
+    ('retrieval', 60, stage_retrieval),
+    ('vqa', 165, stage_vqa),
+    ('nlvr_pretrain', 20, stage_nlvr_pretrain),
+    ('nlvr', 125, stage_nlvr),
+    ('ve', 50, stage_ve),
+    ('grounding', 25, stage_grounding),
     ('report', 10, stage_report),
 ]
 TASKS = ('retrieval', 'vqa', 'nlvr', 've', 'grounding')

@@ -168,6 +168,10 @@ def test_seeded_dataset_is_deterministic_and_leaves_global_rng_alone():
     first = dataset[(1, 123)]
     assert torch.equal(torch.rand(1), expected_next)  # the global stream did not move
     assert torch.equal(dataset[(3, 123)], first) and not torch.equal(dataset[(1, 124)], first)
+    # A sample's draws are those of torch.manual_seed(seed) (runs resumed across versions see
+    # the same augmentations), though only the CPU generator is reseeded.
+    torch.manual_seed(123)
+    assert torch.equal(first, torch.rand(2))
 
 
 def test_checkpoint_ordering_and_names(tmp_path):
