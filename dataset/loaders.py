@@ -67,8 +67,9 @@ def _rng_seeded(seed):
 def _seed_all(seed):
     # The CPU generator only, which is all a transform draws from: torch.manual_seed would also
     # queue a reseed of every accelerator's generators (formatting a stack trace for each: a
-    # quarter of a tiny pre-training sample's loading time) and, in the main process, clobber
-    # the CUDA RNG streams that fork_rng(devices=[]) does not restore.
+    # third of a tiny pre-training sample's loading time, benchmarks/bench_tiny_recipe.py) and,
+    # in the main process, clobber the CUDA RNG streams that fork_rng(devices=[]) does not
+    # restore.
     torch.default_generator.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
