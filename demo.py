@@ -62,7 +62,7 @@ def stage_data(ctx):
 
 
 # tools/unimodal_init.py arguments: the ViT is the one that ships beside the tiny configs (made
-# by tools.unimodal_init --vit_scenes 150000, ~12 minutes on 2 CPU cores, as DeiT's weights are
+# by tools.unimodal_init --vit_scenes 150000, ~15 minutes on 2 CPU cores, as DeiT's weights are
 # made apart from ALBEF), copied and checked; the BERT is trained here (~30 s).
 UNIMODAL_INIT = ['--vit', f'{CONFIGS}/vit_init.pth', '--bert_steps', '300']
 

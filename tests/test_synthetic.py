@@ -197,6 +197,9 @@ def test_bad_sizes_are_rejected(tmp_path):
 
 # ------------------------------------------------------------------ statistics without writing images
 
+RELATIONS = ('left', 'right', 'above', 'below')
+
+
 class _NoImages:
     """Stands in for the image writer: the statistics below only need texts and labels."""
     side = 96
@@ -241,8 +244,9 @@ def test_vqa_answers_are_not_a_function_of_the_question():
 def test_vqa_and_ve_labels_agree_with_the_scene():
     """Re-derive answers from the sampled scenes with an independent reading of the text."""
     rng = random.Random(0)
-    for i in range(200):
-        question, answer, kind, scene = synthetic.VQA_TYPES[i % 5](rng, 96)
+    kinds = collections.Counter()
+    for i in range(210):
+        question, answer, kind, scene = synthetic.VQA_TYPES[i % len(synthetic.VQA_TYPES)](rng, 96)
         words = question.lower().rstrip('?').split()
         objs = scene.objects
         if question.startswith('How many'):
@@ -255,6 +259,20 @@ def test_vqa_and_ve_labels_agree_with_the_scene():
         elif kind == 'shape':
             color = next(w for w in words if w in synthetic.COLORS)
             assert [o.shape for o in objs if o.color == color] == [answer]
+        else:  # "Is the <colour> <shape> ... the <colour> <shape>?": two named objects
+            (a,), (b,) = ([o for o in objs if (o.color, o.shape) == tuple(words[k:k + 2])]
+                          for k in (2, len(words) - 2))
+            left_of, above = a.col < b.col, a.row < b.row
+            if 'or' in words:  # the answer names the relation
+                truth = (('right', 'left')[left_of] if 'left' in words else
+                         ('below', 'above')[above])
+                assert answer == truth and (a.col != b.col if 'left' in words else a.row != b.row)
+            else:
+                holds = {'left': left_of, 'right': a.col > b.col, 'above': above,
+                         'below': a.row > b.row}[next(w for w in words if w in RELATIONS)]
+                assert answer == ('yes' if holds else 'no')
+        kinds[kind] += 1
+    assert set(kinds) == set(synthetic.VQA_ANSWERS)  # every question type was checked
     for i in range(150):
         label = synthetic.VE_LABELS[i % 3]
         sentence, scene = synthetic._ve_example(rng, 96, label)

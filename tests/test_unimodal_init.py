@@ -37,6 +37,16 @@ def test_patch_labels_name_the_object_each_patch_shows():
     assert set(labels.tolist()) == {0, red_square, blue_cross}
 
 
+def test_patch_centres_follow_the_token_order():
+    import torch
+
+    from tools.unimodal_init import patch_centres
+    # row-major like the ViT's patch tokens: (x, y), x grows along a row, y down the rows
+    assert torch.equal(patch_centres(2), torch.tensor([[-0.5, -0.5], [0.5, -0.5],
+                                                       [-0.5, 0.5], [0.5, 0.5]]))
+    assert patch_centres(8).shape == (64, 2) and patch_centres(8).abs().max() == 0.875
+
+
 def test_label_map_covers_the_pixels_render_paints():
     import random
 
@@ -63,6 +73,7 @@ def test_the_shipped_tiny_vit_is_the_tools_output_for_the_tiny_config():
     saved = torch.load(ROOT / 'configs/tiny/vit_init.pth', map_location='cpu', weights_only=True)
     assert saved['made_by'].startswith('tools.unimodal_init --vit_scenes ')
     assert saved['checks']['patch_shape'] > 0.5 and saved['labels'] == LABELS
+    assert saved['checks']['patch_position_error'] < 0.5  # in patch widths: tokens know where
     config = load_config(ROOT / 'configs/tiny/Pretrain.yaml')
     vit = vit_from_config(config)
     vit.load_state_dict({k: v for k, v in saved['model'].items() if not k.startswith('head.')})

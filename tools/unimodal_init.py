@@ -9,9 +9,11 @@ checkpoint, `text_encoder` a Hugging Face BERT directory):
 - a ViT of the config's size trained on freshly drawn synthetic scenes (as DeiT is trained on
   ImageNet, data apart from the pre-training set) to name the coloured shapes of the image on
   its [CLS] token (multi-label) and, on each patch token, the colour, shape and size of the
-  object it shows (dense labels: the fusion layers read the patch tokens, and a classifier on
-  [CLS] alone leaves them blind to shape), saved as `<out>/vit.pth` ({'model': state dict with a
-  `head.*` classifier; the patch classifier is not kept});
+  object it shows, and its own place in the image (dense labels: the fusion layers read the
+  patch tokens, and a classifier on [CLS] alone leaves them blind to shape; labels that do not
+  depend on where an object is wash the position embedding out of the tokens, and questions of
+  left and right go unanswered), saved as `<out>/vit.pth` ({'model': state dict with a `head.*`
+  classifier; the patch heads are not part of the ViT});
 - a BERT of the config's `bert_config` size trained with MLM on the pre-training captions, saved
   by transformers in `<out>/bert/` (config.json + weights).
 
@@ -114,19 +116,23 @@ class Scenes(torch.utils.data.IterableDataset):
 
 
 class ViTClassifier(nn.Module):
-    """The ALBEF ViT with a linear classifier on [CLS] (saved under DeiT's `head.` names) and
-    one on every patch token (training only)."""
+    """The ALBEF ViT with a linear classifier on [CLS] (saved under DeiT's `head.` names), and
+    on every patch token a linear classifier and a linear regression of the patch's centre
+    (training only)."""
 
     def __init__(self, config, num_labels, num_patch_labels=len(PATCH_LABELS) + 1):
         super().__init__()
         self.vit = vit_from_config(config)
         self.head = nn.Linear(self.vit.embed_dim, num_labels)
         self.patch_head = nn.Linear(self.vit.embed_dim, num_patch_labels)
+        self.position_head = nn.Linear(self.vit.embed_dim, 2)
 
     def forward(self, image):
-        """(image logits (B, num_labels), patch logits (B, N, num_patch_labels))."""
+        """(image logits (B, num_labels), patch logits (B, N, num_patch_labels), patch centres
+        (B, N, 2): (x, y) in [-1, 1])."""
         tokens = self.vit(image)
-        return self.head(tokens[:, 0]), self.patch_head(tokens[:, 1:])
+        patches = tokens[:, 1:]
+        return self.head(tokens[:, 0]), self.patch_head(patches), self.position_head(patches)
 
     @classmethod
     def from_file(cls, path, config):
@@ -134,21 +140,23 @@ class ViTClassifier(nn.Module):
         if not os.path.isfile(path):
             raise FileNotFoundError(f'--vit {path}: no such file')
         saved = torch.load(path, map_location='cpu', weights_only=True)
-        if not isinstance(saved, dict) or not {'model', 'patch_head'} <= set(saved):
+        if not isinstance(saved, dict) or not {'model', 'patch_head', 'position_head'} <= set(saved):
             raise ValueError(f'--vit {path}: not a ViT saved by tools.unimodal_init (its '
-                             "'model' and 'patch_head' entries are missing)")
+                             "'model', 'patch_head' and 'position_head' entries are missing)")
         model = cls(config, len(LABELS))
         vit = {k: v for k, v in saved['model'].items() if not k.startswith('head.')}
         model.vit.load_state_dict(vit)
         model.head.load_state_dict({k[5:]: v for k, v in saved['model'].items() if k.startswith('head.')})
         model.patch_head.load_state_dict(saved['patch_head'])
+        model.position_head.load_state_dict(saved['position_head'])
         return model
 
     def save(self, path, made_by, checks):
         """DeiT's layout ({'model': ViT + `head.*`}, what init_deit reads), with the patch
-        classifier (for the checks of a copy), how the file was made and its held-out figures."""
+        heads (for the checks of a copy), how the file was made and its held-out figures."""
         torch.save({'model': self.deit_state_dict(), 'labels': LABELS,
-                    'patch_head': self.patch_head.state_dict(), 'made_by': made_by,
+                    'patch_head': self.patch_head.state_dict(),
+                    'position_head': self.position_head.state_dict(), 'made_by': made_by,
                     'checks': checks}, path)
 
     def deit_state_dict(self):
@@ -167,6 +175,13 @@ def read_records(path):
         return json.load(f)
 
 
+def patch_centres(grid):
+    """(grid * grid, 2): the (x, y) centre of every patch (row-major) in [-1, 1]."""
+    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid * 2 - 1
+    y, x = torch.meshgrid(centres, centres, indexing='ij')
+    return torch.stack([x.flatten(), y.flatten()], -1)
+
+
 def train_vit(config, test_records, image_root, scenes, lr, batch_size, device, seed=0):
     """Train on `scenes` fresh scenes; returns (model, check_vit's figures)."""
     transform = create_transform('test', config['image_res'])  # the labels need whole images
@@ -179,11 +194,13 @@ def train_vit(config, test_records, image_root, scenes, lr, batch_size, device, 
     steps = max(1, -(-scenes // batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps,
                                                    pct_start=0.1)
+    centres = patch_centres(grid).to(device)
     model.train()
     for step, (image, labels, patches) in enumerate(loader):
-        logits, patch_logits = model(image.to(device))
+        logits, patch_logits, positions = model(image.to(device))
         loss = (F.binary_cross_entropy_with_logits(logits, labels.to(device)) +
-                F.cross_entropy(patch_logits.flatten(0, 1), patches.to(device).flatten()))
+                F.cross_entropy(patch_logits.flatten(0, 1), patches.to(device).flatten()) +
+                F.mse_loss(positions, centres.expand_as(positions)))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -196,13 +213,15 @@ def train_vit(config, test_records, image_root, scenes, lr, batch_size, device, 
 def check_vit(model, config, test_records, image_root, batch_size, device, seed=0):
     """The share of the objects of the held-out `test_records` among their images' top-ranked
     labels, and on fresh held-out scenes the share of object patches whose colour, shape and
-    size the patch classifier names."""
+    size the patch classifier names and the mean distance (in patch widths) of the regressed
+    patch centres from the true ones."""
     transform = create_transform('test', config['image_res'])
     grid = config['image_res'] // config.get('patch_size', 16)
     model.eval()
     test = LabelledImages(test_records, image_root, transform)
     found = named = 0
     held_out = {'color': 0, 'shape': 0, 'size': 0, 'patches': 0}
+    centres, position_error, tokens = patch_centres(grid), 0.0, 0
     with torch.no_grad():
         for image, target in torch.utils.data.DataLoader(test, batch_size=batch_size):
             scores = model(image.to(device))[0].cpu()
@@ -212,7 +231,11 @@ def check_vit(model, config, test_records, image_root, batch_size, device, seed=
                 named += count
         for image, _, patches in torch.utils.data.DataLoader(
                 Scenes(500, f'{seed}/held-out', transform, grid), batch_size=batch_size):
-            predicted = model(image.to(device))[1].argmax(-1).cpu()
+            _, patch_logits, positions = model(image.to(device))
+            predicted = patch_logits.argmax(-1).cpu()
+            # a patch is 2 / grid wide in [-1, 1] coordinates
+            position_error += ((positions.cpu() - centres).norm(dim=-1) * grid / 2).sum().item()
+            tokens += positions.shape[0] * positions.shape[1]
             shown = patches > 0
             for name, part in zip(('color', 'shape', 'size'), (0, 1, 2)):
                 names = lambda ids: [PATCH_LABELS[i - 1][part] if i else None for i in ids.tolist()]
@@ -220,7 +243,8 @@ def check_vit(model, config, test_records, image_root, batch_size, device, seed=
                                                              names(patches[shown])))
             held_out['patches'] += int(shown.sum())
     checks = {'object_recall': found / max(1, named),
-              **{f'patch_{k}': held_out[k] / max(1, held_out['patches']) for k in ('color', 'shape', 'size')}}
+              **{f'patch_{k}': held_out[k] / max(1, held_out['patches']) for k in ('color', 'shape', 'size')},
+              'patch_position_error': position_error / max(1, tokens)}
     return checks
 
 
@@ -323,9 +347,10 @@ def main(argv=None):
         f'--batch_size {args.batch_size} --seed {args.seed}'), checks=checks)
     logger.info('ViT: %.1f%% of the objects in %d held-out images among their top-ranked labels '
                 '(chance %.1f%%); held-out object patches named right: colour %.1f%%, shape '
-                '%.1f%% (chance 20%%), size %.1f%% (%.0f s)', 100 * checks['object_recall'],
-                len(test), 100 * chance_recall(test), 100 * checks['patch_color'],
-                100 * checks['patch_shape'], 100 * checks['patch_size'], time.time() - began)
+                '%.1f%% (chance 20%%), size %.1f%%; patch centres %.2f patch widths off '
+                '(%.0f s)', 100 * checks['object_recall'], len(test), 100 * chance_recall(test),
+                100 * checks['patch_color'], 100 * checks['patch_shape'], 100 * checks['patch_size'],
+                checks['patch_position_error'], time.time() - began)
 
     began = time.time()
     tokenizer = BertTokenizer.from_pretrained(config['tokenizer'])
