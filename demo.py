@@ -188,7 +188,7 @@ STAGES = [
     ('nlvr_pretrain', 20, stage_nlvr_pretrain),
     ('nlvr', 125, stage_nlvr),
     ('ve', 50, stage_ve),
-    ('grounding', 25, stage_grounding),
+    ('grounding', 55, stage_grounding),
     ('report', 10, stage_report),
 ]
 TASKS = ('retrieval', 'vqa', 'nlvr', 've', 'grounding')
