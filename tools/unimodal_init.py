@@ -182,8 +182,10 @@ def patch_centres(grid):
     return torch.stack([x.flatten(), y.flatten()], -1)
 
 
-def train_vit(config, test_records, image_root, scenes, lr, batch_size, device, seed=0):
-    """Train on `scenes` fresh scenes; returns (model, check_vit's figures)."""
+def train_vit(config, test_records, image_root, scenes, lr, batch_size, device, seed=0,
+              position_weight=1.0):
+    """Train on `scenes` fresh scenes; returns (model, check_vit's figures). `position_weight`
+    scales the patch-centre regression against the two label losses."""
     transform = create_transform('test', config['image_res'])  # the labels need whole images
     grid = config['image_res'] // config.get('patch_size', 16)
     loader = torch.utils.data.DataLoader(Scenes(scenes, seed, transform, grid),
@@ -200,7 +202,7 @@ def train_vit(config, test_records, image_root, scenes, lr, batch_size, device, 
         logits, patch_logits, positions = model(image.to(device))
         loss = (F.binary_cross_entropy_with_logits(logits, labels.to(device)) +
                 F.cross_entropy(patch_logits.flatten(0, 1), patches.to(device).flatten()) +
-                F.mse_loss(positions, centres.expand_as(positions)))
+                position_weight * F.mse_loss(positions, centres.expand_as(positions)))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -308,6 +310,8 @@ def main(argv=None):
     parser.add_argument('--vit_scenes', type=int, default=20000,
                         help='fresh synthetic scenes the ViT is trained on (one pass)')
     parser.add_argument('--vit_lr', type=float, default=1e-3)
+    parser.add_argument('--position_weight', type=float, default=1.0,
+                        help='weight of the patch-centre regression in the ViT loss')
     parser.add_argument('--vit', default=None,
                         help='a ViT made before by this command (its vit.pth): copied and checked '
                              'instead of training one')
@@ -340,10 +344,12 @@ def main(argv=None):
                            args.seed)
     else:
         vit, checks = train_vit(config, test, config['image_root'], args.vit_scenes,
-                                args.vit_lr, args.batch_size, device, seed=args.seed)
+                                args.vit_lr, args.batch_size, device, seed=args.seed,
+                                position_weight=args.position_weight)
     vit.save(os.path.join(args.out, 'vit.pth'), made_by=(
         f'copied from {args.vit}' if args.vit else
         f'tools.unimodal_init --vit_scenes {args.vit_scenes} --vit_lr {args.vit_lr} '
+        + (f'--position_weight {args.position_weight} ' if args.position_weight != 1 else '') +
         f'--batch_size {args.batch_size} --seed {args.seed}'), checks=checks)
     logger.info('ViT: %.1f%% of the objects in %d held-out images among their top-ranked labels '
                 '(chance %.1f%%); held-out object patches named right: colour %.1f%%, shape '
