@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dataset.images import load_image
-from dataset.synthetic import COLORS, SHAPES, SIZES, label_map, render, sample_scene
+from dataset.synthetic import (COL_NAMES, COLORS, ROW_NAMES, SHAPES, SIZES, label_map, render,
+                               sample_scene)
 from dataset.transforms import create_transform
 from dataset.utils import pre_caption
 from models.albef_base import fit_tokenizer, load_bert_config, mask_tokens
@@ -51,6 +52,9 @@ from utils import load_config
 logger = logging.getLogger('albef.unimodal_init')
 
 LABELS = [f'{color} {shape}' for color in COLORS for shape in SHAPES]
+# With --cls_layout the [CLS] classifier also names where each object is: its column and its row
+# of the scene's 3x3 layout ("red circle at the left", "red circle at the top").
+LAYOUT_LABELS = [f'{label} at the {place}' for label in LABELS for place in COL_NAMES + ROW_NAMES]
 # Per-patch labels: 0 background, 1 + index of the object's (colour, shape, size).
 PATCH_LABELS = [(color, shape, size) for color in sorted(COLORS) for shape in SHAPES
                 for size in sorted(SIZES)]
@@ -109,30 +113,60 @@ class Scenes(torch.utils.data.IterableDataset):
             encoded = io.BytesIO()
             render(scene, SCENE_SIDE).save(encoded, 'JPEG', quality=95)
             image = Image.open(encoded).convert('RGB')
-            labels = torch.zeros(len(LABELS))
+            labels = torch.zeros(len(LABELS) + len(LAYOUT_LABELS))  # objects, then layout
             for o in scene.objects:
                 labels[LABELS.index(f'{o.color} {o.shape}')] = 1
+                for place in (COL_NAMES[o.col], ROW_NAMES[o.row]):
+                    labels[len(LABELS) + LAYOUT_LABELS.index(f'{o.color} {o.shape} at the {place}')] = 1
             yield self.transform(image), labels, patch_labels(scene, self.grid)
+
+
+POSITION_TARGETS = ('centre', 'cell')
 
 
 class ViTClassifier(nn.Module):
     """The ALBEF ViT with a linear classifier on [CLS] (saved under DeiT's `head.` names), and
-    on every patch token a linear classifier and a linear regression of the patch's centre
-    (training only)."""
+    on every patch token a linear classifier and a linear head for the patch's own place
+    (training only): `position_target` 'centre' regresses its (x, y) centre, 'cell' classifies
+    its column and its row of the patch grid."""
 
-    def __init__(self, config, num_labels, num_patch_labels=len(PATCH_LABELS) + 1):
+    def __init__(self, config, num_labels, num_patch_labels=len(PATCH_LABELS) + 1,
+                 position_target='centre'):
         super().__init__()
+        if position_target not in POSITION_TARGETS:
+            raise ValueError(f'position_target {position_target!r}: one of {POSITION_TARGETS}')
         self.vit = vit_from_config(config)
+        self.grid = config['image_res'] // config.get('patch_size', 16)
+        self.position_target = position_target
         self.head = nn.Linear(self.vit.embed_dim, num_labels)
         self.patch_head = nn.Linear(self.vit.embed_dim, num_patch_labels)
-        self.position_head = nn.Linear(self.vit.embed_dim, 2)
+        self.position_head = nn.Linear(self.vit.embed_dim,
+                                       2 if position_target == 'centre' else 2 * self.grid)
 
     def forward(self, image):
-        """(image logits (B, num_labels), patch logits (B, N, num_patch_labels), patch centres
-        (B, N, 2): (x, y) in [-1, 1])."""
+        """(image logits (B, num_labels), patch logits (B, N, num_patch_labels), position
+        outputs (B, N, 2): the regressed (x, y) centres in [-1, 1], or (B, N, 2 * grid): the
+        column then the row logits)."""
         tokens = self.vit(image)
         patches = tokens[:, 1:]
         return self.head(tokens[:, 0]), self.patch_head(patches), self.position_head(patches)
+
+    def predicted_centres(self, positions):
+        """(B, N, 2) patch centres in [-1, 1] from the position outputs."""
+        if self.position_target == 'centre':
+            return positions
+        cells = torch.stack([positions[..., :self.grid].argmax(-1),
+                             positions[..., self.grid:].argmax(-1)], -1)
+        return (cells.float() + 0.5) / self.grid * 2 - 1
+
+    def position_loss(self, positions, centres):
+        """The loss of the position outputs (B, N, .) against the true centres (N, 2)."""
+        if self.position_target == 'centre':
+            return F.mse_loss(positions, centres.expand(positions.shape[0], -1, -1))
+        cells = ((centres + 1) / 2 * self.grid).long().clamp(0, self.grid - 1)  # (N, 2): col, row
+        cells = cells.expand(positions.shape[0], -1, -1)
+        return (F.cross_entropy(positions[..., :self.grid].flatten(0, 1), cells[..., 0].flatten()) +
+                F.cross_entropy(positions[..., self.grid:].flatten(0, 1), cells[..., 1].flatten())) / 2
 
     @classmethod
     def from_file(cls, path, config):
@@ -143,7 +177,8 @@ class ViTClassifier(nn.Module):
         if not isinstance(saved, dict) or not {'model', 'patch_head', 'position_head'} <= set(saved):
             raise ValueError(f'--vit {path}: not a ViT saved by tools.unimodal_init (its '
                              "'model', 'patch_head' and 'position_head' entries are missing)")
-        model = cls(config, len(LABELS))
+        model = cls(config, saved['model']['head.weight'].shape[0],
+                    position_target=saved.get('position_target', 'centre'))
         vit = {k: v for k, v in saved['model'].items() if not k.startswith('head.')}
         model.vit.load_state_dict(vit)
         model.head.load_state_dict({k[5:]: v for k, v in saved['model'].items() if k.startswith('head.')})
@@ -154,9 +189,11 @@ class ViTClassifier(nn.Module):
     def save(self, path, made_by, checks):
         """DeiT's layout ({'model': ViT + `head.*`}, what init_deit reads), with the patch
         heads (for the checks of a copy), how the file was made and its held-out figures."""
-        torch.save({'model': self.deit_state_dict(), 'labels': LABELS,
+        labels = LABELS + LAYOUT_LABELS[:self.head.out_features - len(LABELS)]
+        torch.save({'model': self.deit_state_dict(), 'labels': labels,
                     'patch_head': self.patch_head.state_dict(),
-                    'position_head': self.position_head.state_dict(), 'made_by': made_by,
+                    'position_head': self.position_head.state_dict(),
+                    'position_target': self.position_target, 'made_by': made_by,
                     'checks': checks}, path)
 
     def deit_state_dict(self):
@@ -183,15 +220,16 @@ def patch_centres(grid):
 
 
 def train_vit(config, test_records, image_root, scenes, lr, batch_size, device, seed=0,
-              position_weight=1.0):
+              position_weight=1.0, position_target='centre', cls_layout=False):
     """Train on `scenes` fresh scenes; returns (model, check_vit's figures). `position_weight`
-    scales the patch-centre regression against the two label losses."""
+    scales the loss of the patches' places against the two label losses."""
     transform = create_transform('test', config['image_res'])  # the labels need whole images
     grid = config['image_res'] // config.get('patch_size', 16)
     loader = torch.utils.data.DataLoader(Scenes(scenes, seed, transform, grid),
                                          batch_size=batch_size,
                                          num_workers=min(1, config.get('num_workers', 0)))
-    model = ViTClassifier(config, len(LABELS)).to(device)
+    num_labels = len(LABELS) + (len(LAYOUT_LABELS) if cls_layout else 0)
+    model = ViTClassifier(config, num_labels, position_target=position_target).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps = max(1, -(-scenes // batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps,
@@ -200,9 +238,9 @@ def train_vit(config, test_records, image_root, scenes, lr, batch_size, device, 
     model.train()
     for step, (image, labels, patches) in enumerate(loader):
         logits, patch_logits, positions = model(image.to(device))
-        loss = (F.binary_cross_entropy_with_logits(logits, labels.to(device)) +
+        loss = (F.binary_cross_entropy_with_logits(logits, labels[:, :num_labels].to(device)) +
                 F.cross_entropy(patch_logits.flatten(0, 1), patches.to(device).flatten()) +
-                position_weight * F.mse_loss(positions, centres.expand_as(positions)))
+                position_weight * model.position_loss(positions, centres))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -215,8 +253,9 @@ def train_vit(config, test_records, image_root, scenes, lr, batch_size, device, 
 def check_vit(model, config, test_records, image_root, batch_size, device, seed=0):
     """The share of the objects of the held-out `test_records` among their images' top-ranked
     labels, and on fresh held-out scenes the share of object patches whose colour, shape and
-    size the patch classifier names and the mean distance (in patch widths) of the regressed
-    patch centres from the true ones."""
+    size the patch classifier names, the mean distance (in patch widths) of the predicted
+    patch centres from the true ones and, with the layout labels, the share of the objects'
+    columns and rows the [CLS] classifier names."""
     transform = create_transform('test', config['image_res'])
     grid = config['image_res'] // config.get('patch_size', 16)
     model.eval()
@@ -224,19 +263,26 @@ def check_vit(model, config, test_records, image_root, batch_size, device, seed=
     found = named = 0
     held_out = {'color': 0, 'shape': 0, 'size': 0, 'patches': 0}
     centres, position_error, tokens = patch_centres(grid), 0.0, 0
+    layout_right = layout_named = 0
     with torch.no_grad():
         for image, target in torch.utils.data.DataLoader(test, batch_size=batch_size):
-            scores = model(image.to(device))[0].cpu()
+            scores = model(image.to(device))[0].cpu()[:, :len(LABELS)]
             for row, labels in zip(scores, target):
                 count = int(labels.sum())  # an image's objects among its `count` top labels
                 found += labels[row.topk(count).indices].sum().item()
                 named += count
-        for image, _, patches in torch.utils.data.DataLoader(
+        for image, labels, patches in torch.utils.data.DataLoader(
                 Scenes(500, f'{seed}/held-out', transform, grid), batch_size=batch_size):
-            _, patch_logits, positions = model(image.to(device))
+            logits, patch_logits, positions = model(image.to(device))
+            if logits.shape[1] > len(LABELS):  # per present object: its column and row of 3
+                places = logits.cpu()[:, len(LABELS):].view(-1, len(LABELS), 2, 3)
+                truth = labels[:, len(LABELS):].view(-1, len(LABELS), 2, 3)
+                present = truth.sum(-1) > 0
+                layout_right += (places.argmax(-1) == truth.argmax(-1))[present].sum().item()
+                layout_named += int(present.sum())
             predicted = patch_logits.argmax(-1).cpu()
             # a patch is 2 / grid wide in [-1, 1] coordinates
-            position_error += ((positions.cpu() - centres).norm(dim=-1) * grid / 2).sum().item()
+            position_error += ((model.predicted_centres(positions).cpu() - centres).norm(dim=-1) * grid / 2).sum().item()
             tokens += positions.shape[0] * positions.shape[1]
             shown = patches > 0
             for name, part in zip(('color', 'shape', 'size'), (0, 1, 2)):
@@ -247,6 +293,8 @@ def check_vit(model, config, test_records, image_root, batch_size, device, seed=
     checks = {'object_recall': found / max(1, named),
               **{f'patch_{k}': held_out[k] / max(1, held_out['patches']) for k in ('color', 'shape', 'size')},
               'patch_position_error': position_error / max(1, tokens)}
+    if layout_named:
+        checks['cls_layout'] = layout_right / layout_named
     return checks
 
 
@@ -311,7 +359,13 @@ def main(argv=None):
                         help='fresh synthetic scenes the ViT is trained on (one pass)')
     parser.add_argument('--vit_lr', type=float, default=1e-3)
     parser.add_argument('--position_weight', type=float, default=1.0,
-                        help='weight of the patch-centre regression in the ViT loss')
+                        help="weight of the loss of the patches' places in the ViT loss")
+    parser.add_argument('--position_target', choices=POSITION_TARGETS, default='centre',
+                        help="each patch's place: 'centre' regresses its (x, y) centre, 'cell' "
+                             'classifies its column and row')
+    parser.add_argument('--cls_layout', action='store_true',
+                        help="the [CLS] classifier also names each object's column and row of "
+                             "the scene's 3x3 layout")
     parser.add_argument('--vit', default=None,
                         help='a ViT made before by this command (its vit.pth): copied and checked '
                              'instead of training one')
@@ -345,11 +399,15 @@ def main(argv=None):
     else:
         vit, checks = train_vit(config, test, config['image_root'], args.vit_scenes,
                                 args.vit_lr, args.batch_size, device, seed=args.seed,
-                                position_weight=args.position_weight)
+                                position_weight=args.position_weight,
+                                position_target=args.position_target,
+                                cls_layout=args.cls_layout)
     vit.save(os.path.join(args.out, 'vit.pth'), made_by=(
         f'copied from {args.vit}' if args.vit else
         f'tools.unimodal_init --vit_scenes {args.vit_scenes} --vit_lr {args.vit_lr} '
-        + (f'--position_weight {args.position_weight} ' if args.position_weight != 1 else '') +
+        + (f'--position_weight {args.position_weight} ' if args.position_weight != 1 else '')
+        + (f'--position_target {args.position_target} ' if args.position_target != 'centre' else '')
+        + ('--cls_layout ' if args.cls_layout else '') +
         f'--batch_size {args.batch_size} --seed {args.seed}'), checks=checks)
     logger.info('ViT: %.1f%% of the objects in %d held-out images among their top-ranked labels '
                 '(chance %.1f%%); held-out object patches named right: colour %.1f%%, shape '
