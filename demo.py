@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
 
@@ -184,14 +185,53 @@ STAGES = [
     ('init', 40, stage_init),
     ('pretrain', 225, stage_pretrain),
     ('retrieval', 45, stage_retrieval),
-    ('vqa', 200, stage_vqa),
+    ('vqa', 250, stage_vqa),
     ('nlvr_pretrain', 20, stage_nlvr_pretrain),
-    ('nlvr', 125, stage_nlvr),
+    ('nlvr', 115, stage_nlvr),
     ('ve', 50, stage_ve),
     ('grounding', 55, stage_grounding),
     ('report', 10, stage_report),
 ]
 TASKS = ('retrieval', 'vqa', 'nlvr', 've', 'grounding')
+
+# The fine-tuning stages read only the pre-trained checkpoint (NLVR2 also its text-assignment
+# step's): with --jobs N they run side by side in N child processes, the CPU's cores shared out
+# as their threads. A model this small gains little from a second thread (on 2 cores a VQA step
+# takes 0.21 s at one thread beside another stage, 0.19 s at two threads alone), so two lanes
+# finish the fine-tuning in about half the time.
+PARALLEL = ('retrieval', 'vqa', 'nlvr_pretrain', 'nlvr', 've', 'grounding')
+PREREQUISITE = {'nlvr': 'nlvr_pretrain'}  # runs in the same lane, after it
+
+
+def plan_lanes(names, jobs):
+    """`names` (in STAGES order) split into at most `jobs` lanes of about equal expected time
+    (the longest first, each onto the least loaded lane), a stage after its prerequisite.
+    Returns (lanes, the longest lane's expected seconds)."""
+    expected = {name: seconds for name, seconds, _ in STAGES}
+    units = []
+    for name in names:
+        before = PREREQUISITE.get(name)
+        if before in names:
+            next(unit for unit in units if before in unit).append(name)
+        else:
+            units.append([name])
+    lanes = [[] for _ in range(max(1, min(jobs, len(units))))]
+    load = [0] * len(lanes)
+    for unit in sorted(units, key=lambda unit: -sum(expected[n] for n in unit)):
+        k = load.index(min(load))
+        lanes[k] += unit
+        load[k] += sum(expected[n] for n in unit)
+    return lanes, max(load)
+
+
+def usable_cores():
+    """The cores this process may run on (taskset and container limits count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
+def default_jobs(device):
+    """Two lanes on a CPU of two or more cores, one on a GPU."""
+    return 2 if torch.device(device).type == 'cpu' and usable_cores() >= 2 else 1
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -437,11 +477,62 @@ def forget_stale_stages(ctx, done_dir, fingerprint):
         f.write(fingerprint + '\n')
 
 
-def run(output_dir, device, seed=42, stages=None, workdir=ROOT):
+def run_lanes(ctx, lanes, workdir):
+    """Run every lane's stages at once, each lane in a child `demo.py --lane` whose output goes
+    to <output_dir>/logs/lane<k>.log, and report each stage as it finishes. A lane that fails is
+    an error naming its log once every lane has ended; the stages that finished keep their
+    markers, so running the demo again continues from there."""
+    logs = os.path.join(ctx.output_dir, 'logs')
+    os.makedirs(logs, exist_ok=True)
+    env = {**os.environ, 'OMP_NUM_THREADS': str(max(1, usable_cores() // len(lanes)))}
+    children = []
+    try:
+        for k, lane in enumerate(lanes, 1):
+            log = os.path.join(logs, f'lane{k}.log')
+            with open(log, 'w') as f:
+                child = subprocess.Popen(
+                    [sys.executable, os.path.join(ROOT, 'demo.py'), '--lane', '--jobs', '1',
+                     '--workdir', workdir,
+                     '--output_dir', ctx.output_dir, '--device', ctx.device, '--seed', str(ctx.seed),
+                     '--stages', *lane], stdout=f, stderr=subprocess.STDOUT, env=env)
+            children.append((k, lane, log, child))
+            print(f'[demo] lane {k}: {", ".join(lane)} (log: {log})', flush=True)
+        finished = set()
+        while True:
+            running = [child for *_, child in children if child.poll() is None]
+            for k, lane, _, _ in children:
+                for name in lane:
+                    try:
+                        with open(os.path.join(ctx.output_dir, 'stages', f'{name}.json')) as f:
+                            seconds = json.load(f)['seconds']
+                    except (OSError, ValueError, KeyError):  # not written yet, or being written
+                        continue
+                    if name not in finished:
+                        finished.add(name)
+                        print(f'[demo] {name} finished in lane {k} ({format_seconds(seconds)})',
+                              flush=True)
+            if not running:
+                break
+            time.sleep(1)
+    finally:
+        for *_, child in children:  # interrupted: no lane outlives the demo
+            if child.poll() is None:
+                child.terminate()
+                child.wait()
+    failed = [f'lane {k} ({", ".join(lane)}) ended with exit status {child.returncode}: see {log}'
+              for k, lane, log, child in children if child.returncode]
+    if failed:
+        raise RuntimeError('; '.join(failed))
+
+
+def run(output_dir, device, seed=42, stages=None, workdir=ROOT, jobs=1, lane=False):
     """Run (or continue) the demo; returns the results dict also written to results.json.
 
     `workdir` holds data/synthetic and configs/tiny (the repository; tests use a copy with
-    smaller settings)."""
+    smaller settings). With `jobs` > 1 the fine-tuning stages run in that many lanes at once
+    (`run_lanes`); `lane`: this is one of them (results.json is left to the parent)."""
+    workdir = os.path.abspath(workdir)
+    jobs = 1 if lane else jobs  # a lane runs its stages one after the other
     output_dir = os.path.abspath(output_dir)
     ctx = Context(output_dir, device, seed)
     done_dir = os.path.join(output_dir, 'stages')
@@ -453,9 +544,16 @@ def run(output_dir, device, seed=42, stages=None, workdir=ROOT):
     with in_directory(workdir):
         if ROOT not in sys.path:
             sys.path.insert(0, ROOT)
-        forget_stale_stages(ctx, done_dir, settings_fingerprint(seed))
+        if not lane:  # a lane's parent has just checked them
+            forget_stale_stages(ctx, done_dir, settings_fingerprint(seed))
+        in_lanes = set()
+        done = lambda stage: os.path.isfile(os.path.join(done_dir, f'{stage}.json'))
         for number, (name, expected, function) in enumerate(selected, 1):
             marker = os.path.join(done_dir, f'{name}.json')
+            if name in in_lanes:
+                with open(marker) as f:
+                    results[name] = json.load(f)
+                continue
             if os.path.isfile(marker):
                 with open(marker) as f:
                     results[name] = json.load(f)
@@ -465,6 +563,24 @@ def run(output_dir, device, seed=42, stages=None, workdir=ROOT):
                 continue
             # ETA: the expected seconds left, scaled by how this machine compares so far.
             pace = spent / spent_expected if spent_expected >= 60 else 1.0
+            pending = [n for n, _, _ in selected[number - 1:] if n in PARALLEL and not done(n)]
+            if jobs > 1 and name in PARALLEL and len(pending) > 1:
+                lanes, longest = plan_lanes(pending, jobs)
+                together = sum(s for n, s, _ in selected if n in pending)
+                print(f'[demo] stages {number}-{number + len(pending) - 1}/{len(selected)} '
+                      f'{", ".join(pending)} in {len(lanes)} parallel lanes | elapsed '
+                      f'{format_seconds(time.time() - start)} | ETA '
+                      f'{format_seconds(pace * (expected_left - together + longest))}', flush=True)
+                began = time.time()
+                run_lanes(ctx, lanes, workdir)
+                results['lanes'] = lanes
+                spent += time.time() - began
+                spent_expected += longest
+                expected_left -= together
+                in_lanes.update(pending)
+                with open(marker) as f:
+                    results[name] = json.load(f)
+                continue
             print(f'[demo] stage {number}/{len(selected)} {name} | elapsed '
                   f'{format_seconds(time.time() - start)} | ETA '
                   f'{format_seconds(pace * expected_left)}', flush=True)
@@ -481,8 +597,10 @@ def run(output_dir, device, seed=42, stages=None, workdir=ROOT):
             results[name] = result
     results['total_seconds'] = sum(r['seconds'] for r in results.values()
                                    if isinstance(r, dict) and 'seconds' in r)
-    with open(os.path.join(output_dir, 'results.json'), 'w') as f:
-        json.dump(results, f, indent=1, default=str)
+    results['wall_seconds'] = time.time() - start  # this call's (lanes overlap their stages)
+    if not lane:
+        with open(os.path.join(output_dir, 'results.json'), 'w') as f:
+            json.dump(results, f, indent=1, default=str)
     return results
 
 
@@ -493,8 +611,22 @@ def main(argv=None):
     parser.add_argument('--seed', default=42, type=int)
     parser.add_argument('--stages', nargs='+', choices=[s[0] for s in STAGES], default=None,
                         help='run only these stages (default: all)')
+    parser.add_argument('--jobs', type=int, default=None,
+                        help='fine-tuning stages run side by side in this many processes, the '
+                             'cores shared out among them (default: 2 on a CPU of 2 or more '
+                             'cores, 1 on a GPU)')
+    parser.add_argument('--workdir', default=ROOT,
+                        help='the folder holding data/synthetic and configs/tiny (default: the '
+                             'repository)')
+    parser.add_argument('--lane', action='store_true', help=argparse.SUPPRESS)  # run_lanes' child
     args = parser.parse_args(argv)
-    results = run(args.output_dir, args.device, args.seed, args.stages)
+    jobs = default_jobs(args.device) if args.jobs is None else args.jobs
+    if jobs < 1:
+        parser.error(f'--jobs {jobs}: at least 1')
+    results = run(args.output_dir, args.device, args.seed, args.stages, workdir=args.workdir,
+                  jobs=jobs, lane=args.lane)
+    if args.lane:
+        return results
     print('\n' + results_table(results))
     groups = groups_table(results)
     if groups:
@@ -504,7 +636,10 @@ def main(argv=None):
         print(f'\nVQA: mean cosine of the fused [CLS] states of {len(PROBE_QUESTIONS)} questions of '
               f'different types about one image (1.0: the question is ignored): pre-trained '
               f'{similarity["pretrained"]:.2f}, fine-tuned {similarity["fine-tuned"]:.2f}')
-    print(f'\ntotal {format_seconds(results["total_seconds"])}; results, loss curves and '
+    total, wall = results['total_seconds'], results['wall_seconds']
+    overlap = (f' ({format_seconds(wall)} on the clock: fine-tuning stages side by side)'
+               if 'lanes' in results else '')
+    print(f'\ntotal {format_seconds(total)}{overlap}; results, loss curves and '
           f'Grad-CAM overlays in {os.path.abspath(args.output_dir)}')
     return results
 

@@ -46,8 +46,9 @@ def tiny_demo(monkeypatch):
 
 
 def test_demo_runs_every_stage_then_skips_them(workdir, tmp_path, capsys):
+    """The whole demo, its fine-tuning stages in two parallel lanes (the CPU default)."""
     out = tmp_path / 'demo'
-    results = demo.run(out, 'cpu', workdir=workdir)
+    results = demo.run(out, 'cpu', workdir=workdir, jobs=2)
     for task in demo.TASKS:
         r = results[task]
         assert 0 <= r['value'] <= (100 if '%' in r['metric'] else 1), task
@@ -65,6 +66,11 @@ def test_demo_runs_every_stage_then_skips_them(workdir, tmp_path, capsys):
     assert overlays and all((tmp_path / o / '00_average.png').is_file() for o in overlays)
     log = capsys.readouterr().out
     assert '[demo] stage 3/10 pretrain' in log and 'ETA' in log
+    assert 'stages 4-9/10 retrieval, vqa, nlvr_pretrain, nlvr, ve, grounding in 2 parallel lanes' in log
+    assert results['lanes'] == [['vqa'], ['nlvr_pretrain', 'nlvr', 'grounding', 've', 'retrieval']]
+    for name in demo.PARALLEL:  # each reported as it finished, its output in its lane's log
+        assert f'[demo] {name} finished in lane ' in log
+    assert 'val VQA accuracy' in (out / 'logs' / 'lane1.log').read_text()
 
     table = demo.results_table(results)
     assert all(task in table for task in demo.TASKS)
@@ -83,6 +89,33 @@ def test_demo_runs_every_stage_then_skips_them(workdir, tmp_path, capsys):
     again = demo.run(out, 'cpu', workdir=workdir)
     assert again['vqa']['value'] == results['vqa']['value']
     assert capsys.readouterr().out.count('done before, skipped') == len(demo.STAGES)
+
+
+def test_lanes_balance_the_expected_time_and_keep_nlvr_after_its_text_assignment():
+    lanes, longest = demo.plan_lanes(list(demo.PARALLEL), 2)
+    assert lanes == [['vqa'], ['nlvr_pretrain', 'nlvr', 'grounding', 've', 'retrieval']]
+    expected = {name: seconds for name, seconds, _ in demo.STAGES}
+    assert longest == max(sum(expected[n] for n in lane) for lane in lanes)
+    assert demo.plan_lanes(['nlvr', 've'], 2)[0] == [['nlvr'], ['ve']]  # its step done before
+    assert demo.plan_lanes(['nlvr_pretrain', 'nlvr'], 4)[0] == [['nlvr_pretrain', 'nlvr']]
+    assert demo.plan_lanes(list(demo.PARALLEL), 1)[0] == [
+        ['vqa', 'nlvr_pretrain', 'nlvr', 'grounding', 've', 'retrieval']]
+
+
+def test_a_failed_lane_names_its_log_and_the_other_lane_finishes(workdir, tmp_path):
+    work = tmp_path / 'work'
+    shutil.copytree(workdir / 'configs', work / 'configs')  # a private copy to break
+    (work / 'data').symlink_to(workdir / 'data', target_is_directory=True)
+    retrieval = work / 'configs' / 'tiny' / 'Retrieval.yaml'
+    retrieval.write_text(retrieval.read_text() + '\nbatch_szie_train: 4\n')
+    out = tmp_path / 'demo'
+    with pytest.raises(RuntimeError, match=r'lane \d \(retrieval\) ended with exit status 1: see .*lane\d.log'):
+        demo.run(out, 'cpu', workdir=work, stages=['data', 'init', 'pretrain', 'retrieval', 've'],
+                 jobs=2)
+    assert (out / 'stages' / 've.json').is_file()  # the other lane's stage is kept
+    assert not (out / 'stages' / 'retrieval.json').exists()
+    logs = ''.join(p.read_text() for p in (out / 'logs').glob('lane*.log'))
+    assert 'batch_szie_train' in logs
 
 
 def test_demo_continues_after_a_lost_stage(workdir, tmp_path):

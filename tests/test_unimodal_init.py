@@ -112,3 +112,59 @@ def test_position_weight_scales_the_patch_centre_regression():
                               device=torch.device('cpu'), position_weight=weight)
         errors[weight] = checks['patch_position_error']
     assert errors[100.0] < 0.8 * errors[0.0], errors
+
+
+def test_cell_position_target_classifies_each_patch_column_and_row(tmp_path):
+    """--position_target cell: per patch, logits over the grid's columns then its rows; true
+    cells scored highest give the true centres and a small loss, and the file keeps the target."""
+    import torch
+
+    from tools.unimodal_init import ViTClassifier, patch_centres
+    from utils import load_config
+    config = load_config('configs/tiny/Pretrain.yaml')
+    grid = config['image_res'] // config['patch_size']
+    model = ViTClassifier(config, len(LABELS), position_target='cell')
+    assert model.position_head.out_features == 2 * grid
+    centres = patch_centres(grid)
+    columns, rows = torch.arange(grid).repeat(grid), torch.arange(grid).repeat_interleave(grid)
+    logits = torch.full((1, grid * grid, 2 * grid), -10.0)
+    logits[0, torch.arange(grid * grid), columns] = 10.0
+    logits[0, torch.arange(grid * grid), grid + rows] = 10.0
+    assert torch.allclose(model.predicted_centres(logits)[0], centres)
+    assert model.position_loss(logits, centres) < 1e-6
+    assert model.position_loss(logits.roll(1, dims=1), centres) > 1.0  # a patch off: wrong cells
+    model.save(tmp_path / 'vit.pth', made_by='test', checks={})
+    assert ViTClassifier.from_file(tmp_path / 'vit.pth', config).position_target == 'cell'
+    with pytest.raises(ValueError, match="position_target 'pixel'"):
+        ViTClassifier(config, len(LABELS), position_target='pixel')
+
+
+def test_cls_layout_labels_name_each_object_column_and_row(tmp_path):
+    """--cls_layout: the [CLS] targets of a scene are its objects, then each object's column and
+    row of the 3x3 layout ("red circle at the left", "red circle at the top"); the saved file
+    lists them all and loads with the larger head."""
+    import torch
+
+    from dataset.synthetic import COL_NAMES, ROW_NAMES
+    from dataset.transforms import create_transform
+    from tools.unimodal_init import LAYOUT_LABELS, Scenes, ViTClassifier, train_vit
+    from utils import load_config
+    config = load_config('configs/tiny/Pretrain.yaml')
+    assert len(LAYOUT_LABELS) == len(LABELS) * 6
+    scenes = Scenes(3, 'layout-test', create_transform('test', 64), grid=8)
+    for _, labels, _ in scenes:
+        named = {(LABELS + LAYOUT_LABELS)[i] for i in labels.nonzero().flatten().tolist()}
+        objects = named & set(LABELS)
+        assert objects and all(n.rsplit(' at the ', 1)[0] in objects for n in named - objects)
+        for o in objects:  # one column and one row per object
+            assert sum(f'{o} at the {p}' in named for p in COL_NAMES) == 1
+            assert sum(f'{o} at the {p}' in named for p in ROW_NAMES) == 1
+    torch.manual_seed(0)
+    model, checks = train_vit(config, [], '.', scenes=160, lr=1e-3, batch_size=8,
+                              device=torch.device('cpu'), cls_layout=True)
+    assert model.head.out_features == len(LABELS) + len(LAYOUT_LABELS)
+    assert 0 <= checks['cls_layout'] <= 1
+    model.save(tmp_path / 'vit.pth', made_by='test', checks=checks)
+    saved = torch.load(tmp_path / 'vit.pth', weights_only=True)
+    assert saved['labels'] == LABELS + LAYOUT_LABELS
+    assert ViTClassifier.from_file(tmp_path / 'vit.pth', config).head.out_features == len(saved['labels'])
