@@ -182,8 +182,8 @@ def stage_report(ctx):
 
 STAGES = [
     ('data', 10, stage_data),
-    ('init', 40, stage_init),
-    ('pretrain', 225, stage_pretrain),
+    ('init', 30, stage_init),
+    ('pretrain', 150, stage_pretrain),
     ('retrieval', 45, stage_retrieval),
     ('vqa', 250, stage_vqa),
     ('nlvr_pretrain', 20, stage_nlvr_pretrain),
@@ -221,7 +221,18 @@ def plan_lanes(names, jobs):
         k = load.index(min(load))
         lanes[k] += unit
         load[k] += sum(expected[n] for n in unit)
-    return lanes, max(load)
+    order = [name for name, _, _ in STAGES]  # the order a lane runs its stages in
+    return [sorted(lane, key=order.index) for lane in lanes], max(load)
+
+
+def expected_seconds(names, jobs):
+    """The expected seconds of running the stages `names`, in lanes when `jobs` > 1."""
+    expected = {name: seconds for name, seconds, _ in STAGES}
+    parallel = [name for name in names if name in PARALLEL]
+    if jobs > 1 and len(parallel) > 1:
+        return (sum(expected[n] for n in names if n not in PARALLEL) +
+                plan_lanes(parallel, jobs)[1])
+    return sum(expected[n] for n in names)
 
 
 def usable_cores():
@@ -539,7 +550,6 @@ def run(output_dir, device, seed=42, stages=None, workdir=ROOT, jobs=1, lane=Fal
     os.makedirs(done_dir, exist_ok=True)
     selected = [s for s in STAGES if stages is None or s[0] in stages]
     results, start = {}, time.time()
-    expected_left = sum(seconds for _, seconds, _ in selected)
     spent_expected, spent = 0.0, 0.0
     with in_directory(workdir):
         if ROOT not in sys.path:
@@ -559,24 +569,23 @@ def run(output_dir, device, seed=42, stages=None, workdir=ROOT, jobs=1, lane=Fal
                     results[name] = json.load(f)
                 print(f'[demo] stage {number}/{len(selected)} {name}: done before, skipped',
                       flush=True)
-                expected_left -= expected
                 continue
             # ETA: the expected seconds left, scaled by how this machine compares so far.
             pace = spent / spent_expected if spent_expected >= 60 else 1.0
+            expected_left = expected_seconds([n for n, _, _ in selected[number - 1:] if not done(n)],
+                                             jobs)
             pending = [n for n, _, _ in selected[number - 1:] if n in PARALLEL and not done(n)]
             if jobs > 1 and name in PARALLEL and len(pending) > 1:
                 lanes, longest = plan_lanes(pending, jobs)
-                together = sum(s for n, s, _ in selected if n in pending)
-                print(f'[demo] stages {number}-{number + len(pending) - 1}/{len(selected)} '
-                      f'{", ".join(pending)} in {len(lanes)} parallel lanes | elapsed '
+                print(f'[demo] {len(pending)} stages in {len(lanes)} parallel lanes: '
+                      f'{", ".join(pending)} | elapsed '
                       f'{format_seconds(time.time() - start)} | ETA '
-                      f'{format_seconds(pace * (expected_left - together + longest))}', flush=True)
+                      f'{format_seconds(pace * expected_left)}', flush=True)
                 began = time.time()
                 run_lanes(ctx, lanes, workdir)
                 results['lanes'] = lanes
                 spent += time.time() - began
                 spent_expected += longest
-                expected_left -= together
                 in_lanes.update(pending)
                 with open(marker) as f:
                     results[name] = json.load(f)
@@ -591,7 +600,6 @@ def run(output_dir, device, seed=42, stages=None, workdir=ROOT, jobs=1, lane=Fal
             if 'reused' not in result:  # reusing files says nothing of this machine's pace
                 spent += seconds
                 spent_expected += expected
-            expected_left -= expected
             with open(marker, 'w') as f:
                 json.dump(result, f, indent=1, default=str)
             results[name] = result

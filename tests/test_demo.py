@@ -66,8 +66,9 @@ def test_demo_runs_every_stage_then_skips_them(workdir, tmp_path, capsys):
     assert overlays and all((tmp_path / o / '00_average.png').is_file() for o in overlays)
     log = capsys.readouterr().out
     assert '[demo] stage 3/10 pretrain' in log and 'ETA' in log
-    assert 'stages 4-9/10 retrieval, vqa, nlvr_pretrain, nlvr, ve, grounding in 2 parallel lanes' in log
-    assert results['lanes'] == [['vqa'], ['nlvr_pretrain', 'nlvr', 'grounding', 've', 'retrieval']]
+    assert ('[demo] 6 stages in 2 parallel lanes: retrieval, vqa, nlvr_pretrain, nlvr, ve, '
+            'grounding | elapsed') in log
+    assert results['lanes'] == [['vqa'], ['retrieval', 'nlvr_pretrain', 'nlvr', 've', 'grounding']]
     for name in demo.PARALLEL:  # each reported as it finished, its output in its lane's log
         assert f'[demo] {name} finished in lane ' in log
     assert 'val VQA accuracy' in (out / 'logs' / 'lane1.log').read_text()
@@ -93,13 +94,19 @@ def test_demo_runs_every_stage_then_skips_them(workdir, tmp_path, capsys):
 
 def test_lanes_balance_the_expected_time_and_keep_nlvr_after_its_text_assignment():
     lanes, longest = demo.plan_lanes(list(demo.PARALLEL), 2)
-    assert lanes == [['vqa'], ['nlvr_pretrain', 'nlvr', 'grounding', 've', 'retrieval']]
+    assert lanes == [['vqa'], ['retrieval', 'nlvr_pretrain', 'nlvr', 've', 'grounding']]
     expected = {name: seconds for name, seconds, _ in demo.STAGES}
     assert longest == max(sum(expected[n] for n in lane) for lane in lanes)
     assert demo.plan_lanes(['nlvr', 've'], 2)[0] == [['nlvr'], ['ve']]  # its step done before
     assert demo.plan_lanes(['nlvr_pretrain', 'nlvr'], 4)[0] == [['nlvr_pretrain', 'nlvr']]
     assert demo.plan_lanes(list(demo.PARALLEL), 1)[0] == [
-        ['vqa', 'nlvr_pretrain', 'nlvr', 'grounding', 've', 'retrieval']]
+        ['retrieval', 'vqa', 'nlvr_pretrain', 'nlvr', 've', 'grounding']]
+    # the ETA: the stages before and after the lanes, plus the longest lane
+    names = [name for name, _, _ in demo.STAGES]
+    assert demo.expected_seconds(names, 1) == sum(expected.values())
+    assert demo.expected_seconds(names, 2) == sum(
+        expected[n] for n in names if n not in demo.PARALLEL) + longest
+    assert demo.expected_seconds(['ve'], 2) == expected['ve']
 
 
 def test_a_failed_lane_names_its_log_and_the_other_lane_finishes(workdir, tmp_path):
