@@ -13,6 +13,9 @@ next to the chance level and a text-only baseline estimated on the training spli
 (dataset/baselines.py). Written to --output_dir: results.json, loss-curve PNGs from the
 training logs, Grad-CAM overlays, and every stage's own output folder.
 
+On a CPU of two or more cores the fine-tuning stages run side by side in two child processes
+(--jobs; their output in <output_dir>/logs/lane<k>.log).
+
 A finished stage leaves stages/<name>.json; running the command again skips it, and an
 interrupted pre-training continues from its last epoch checkpoint. After a change to
 configs/tiny or to the data spec, finished stages are stale and run again.
@@ -197,8 +200,8 @@ TASKS = ('retrieval', 'vqa', 'nlvr', 've', 'grounding')
 # The fine-tuning stages read only the pre-trained checkpoint (NLVR2 also its text-assignment
 # step's): with --jobs N they run side by side in N child processes, the CPU's cores shared out
 # as their threads. A model this small gains little from a second thread (on 2 cores a VQA step
-# takes 0.21 s at one thread beside another stage, 0.19 s at two threads alone), so two lanes
-# finish the fine-tuning in about half the time.
+# takes 0.21-0.24 s at one thread beside another stage, 0.17-0.19 s at two threads alone), so
+# two lanes finish the fine-tuning in about half the time (docs/demo.md).
 PARALLEL = ('retrieval', 'vqa', 'nlvr_pretrain', 'nlvr', 've', 'grounding')
 PREREQUISITE = {'nlvr': 'nlvr_pretrain'}  # runs in the same lane, after it
 

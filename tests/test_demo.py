@@ -125,6 +125,16 @@ def test_a_failed_lane_names_its_log_and_the_other_lane_finishes(workdir, tmp_pa
     assert 'batch_szie_train' in logs
 
 
+def test_jobs_default_to_two_lanes_on_a_multicore_cpu_and_refuse_zero(monkeypatch, capsys):
+    monkeypatch.setattr(demo, 'usable_cores', lambda: 2)
+    assert demo.default_jobs('cpu') == 2 and demo.default_jobs('cuda') == 1
+    monkeypatch.setattr(demo, 'usable_cores', lambda: 1)
+    assert demo.default_jobs('cpu') == 1
+    with pytest.raises(SystemExit):
+        demo.main(['--jobs', '0'])
+    assert '--jobs 0: at least 1' in capsys.readouterr().err
+
+
 def test_demo_continues_after_a_lost_stage(workdir, tmp_path):
     out = tmp_path / 'demo'
     demo.run(out, 'cpu', workdir=workdir, stages=['data', 'init', 'pretrain', 've'])
