@@ -177,7 +177,7 @@ class ViTClassifier(nn.Module):
         if not isinstance(saved, dict) or not {'model', 'patch_head', 'position_head'} <= set(saved):
             raise ValueError(f'--vit {path}: not a ViT saved by tools.unimodal_init (its '
                              "'model', 'patch_head' and 'position_head' entries are missing)")
-        model = cls(config, saved['model']['head.weight'].shape[0],
+        model = cls(config, len(saved.get('labels', LABELS)),
                     position_target=saved.get('position_target', 'centre'))
         vit = {k: v for k, v in saved['model'].items() if not k.startswith('head.')}
         model.vit.load_state_dict(vit)
@@ -282,7 +282,8 @@ def check_vit(model, config, test_records, image_root, batch_size, device, seed=
                 layout_named += int(present.sum())
             predicted = patch_logits.argmax(-1).cpu()
             # a patch is 2 / grid wide in [-1, 1] coordinates
-            position_error += ((model.predicted_centres(positions).cpu() - centres).norm(dim=-1) * grid / 2).sum().item()
+            off = (model.predicted_centres(positions).cpu() - centres).norm(dim=-1)
+            position_error += (off * grid / 2).sum().item()
             tokens += positions.shape[0] * positions.shape[1]
             shown = patches > 0
             for name, part in zip(('color', 'shape', 'size'), (0, 1, 2)):
