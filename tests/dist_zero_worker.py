@@ -3,6 +3,7 @@
 the state, and the checkpointed state is gathered on rank 0."""
 import argparse
 import copy
+import gc
 import sys
 
 import torch
@@ -42,6 +43,8 @@ def main():
         assert state is None
     utils.barrier()
     print(f'rank {rank}: zero ok, {local} of {n_params} states', flush=True)
+    del sharded, state  # the optimiser holds the process group's work objects
+    gc.collect()
     utils.destroy_distributed()
 
 
