@@ -634,6 +634,8 @@ def main(argv=None):
     jobs = default_jobs(args.device) if args.jobs is None else args.jobs
     if jobs < 1:
         parser.error(f'--jobs {jobs}: at least 1')
+    if not os.path.isdir(args.workdir):
+        parser.error(f'--workdir {args.workdir}: no such folder')
     results = run(args.output_dir, args.device, args.seed, args.stages, workdir=args.workdir,
                   jobs=jobs, lane=args.lane)
     if args.lane:

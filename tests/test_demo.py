@@ -133,6 +133,9 @@ def test_jobs_default_to_two_lanes_on_a_multicore_cpu_and_refuse_zero(monkeypatc
     with pytest.raises(SystemExit):
         demo.main(['--jobs', '0'])
     assert '--jobs 0: at least 1' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo.main(['--workdir', '/nonexistent/albef'])
+    assert '--workdir /nonexistent/albef: no such folder' in capsys.readouterr().err
 
 
 def test_demo_continues_after_a_lost_stage(workdir, tmp_path):
