@@ -24,6 +24,7 @@ repeated). Their checkpoints are checkpoint_NN_stepSSSSSS.pth, rotated; the othe
 VQA, text assignment) end each epoch with checkpoint_NN.pth, all kept, as the original's.
 """
 import contextlib
+import gc
 import glob
 import logging
 import math
@@ -662,6 +663,13 @@ class Run:
         if self.best_epoch is not None:
             logger.info('best epoch: %d (%s %.4f)', self.best_epoch, metric_name, self.best_value)
             utils.append_log(self.output_dir, {'best_epoch': self.best_epoch})
+        if utils.is_dist_avail_and_initialized():
+            # A sharded (ZeRO) optimiser and the DDP wrapper hold the process group's work
+            # objects: freed after the group is destroyed, they aborted a two-rank gloo run at
+            # exit ('terminate called without an active exception') after training had passed.
+            self.optimizer = self.lr_scheduler = None
+            self.ddp_model = self.model
+            gc.collect()
         utils.destroy_distributed()
 
     def _epoch_path(self, epoch):

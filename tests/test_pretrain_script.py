@@ -90,16 +90,24 @@ def test_bad_checkpoint_and_unknown_config_key_are_clear_errors(tiny_setup, tmp_
 
 
 def test_two_process_torchrun_pretraining(tiny_setup, tmp_path):
+    """With the AdamW state sharded over the ranks (optimizer_sharding: zero): the checkpoint
+    holds every parameter's state, gathered on rank 0, and both ranks leave the process group
+    cleanly (the run's sharded optimiser is freed before the group is destroyed)."""
     config_path, _ = tiny_setup
     env = {**os.environ, 'PYTHONPATH': python_path(), 'OMP_NUM_THREADS': '1'}
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
            '--master_port', str(30500 + os.getpid() % 1000), 'Pretrain.py',
            '--config', str(config_path), '--output_dir', str(tmp_path), '--device', 'cpu',
-           '--opts', 'schedular.epochs=1']
+           '--opts', 'schedular.epochs=1', 'optimizer_sharding=zero']
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert 'terminate called' not in result.stderr
+    assert 'optimizer_sharding: zero ignored' not in result.stdout + result.stderr  # two ranks shard
     assert [entry['epoch'] for entry in read_log(tmp_path)] == [0]
     checkpoint = torch.load(tmp_path / 'checkpoint_00.pth', weights_only=False)
     # 24 images over 2 ranks = 3 steps of a global batch of 8: the queue advanced by the
     # gathered batch (a per-rank enqueue would have moved it by 12)
     assert int(checkpoint['model']['queue_ptr']) == (3 * 8) % 16
+    state = checkpoint['optimizer']['state']  # one rank holds only its shard's
+    assert len(state) == sum(len(g['params']) for g in checkpoint['optimizer']['param_groups'])
+    assert all('exp_avg' in entry for entry in state.values())
