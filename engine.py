@@ -665,8 +665,8 @@ class Run:
             utils.append_log(self.output_dir, {'best_epoch': self.best_epoch})
         if utils.is_dist_avail_and_initialized():
             # A sharded (ZeRO) optimiser and the DDP wrapper hold the process group's work
-            # objects: freed after the group is destroyed, they aborted a two-rank gloo run at
-            # exit ('terminate called without an active exception') after training had passed.
+            # objects; a ZeRO optimiser still alive when the group was destroyed aborted a
+            # two-rank gloo process at exit ('terminate called without an active exception').
             self.optimizer = self.lr_scheduler = None
             self.ddp_model = self.model
             gc.collect()
