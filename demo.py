@@ -196,7 +196,6 @@ STAGES = [
     ('report', 10, stage_report),
 ]
 TASKS = ('retrieval', 'vqa', 'nlvr', 've', 'grounding')
-EXPECTED_SECONDS = {name: seconds for name, seconds, _ in STAGES}
 
 # The fine-tuning stages read only the pre-trained checkpoint (NLVR2 also its text-assignment
 # step's): with --jobs N they run side by side in N child processes, the CPU's cores shared out
@@ -211,7 +210,7 @@ def plan_lanes(names, jobs):
     """`names` (in STAGES order) split into at most `jobs` lanes of about equal expected time
     (the longest first, each onto the least loaded lane), a stage after its prerequisite.
     Returns (lanes, the longest lane's expected seconds)."""
-    expected = EXPECTED_SECONDS
+    expected = {name: seconds for name, seconds, _ in STAGES}
     units = []
     for name in names:
         before = PREREQUISITE.get(name)
@@ -231,7 +230,7 @@ def plan_lanes(names, jobs):
 
 def expected_seconds(names, jobs):
     """The expected seconds of running the stages `names`, in lanes when `jobs` > 1."""
-    expected = EXPECTED_SECONDS
+    expected = {name: seconds for name, seconds, _ in STAGES}
     parallel = [name for name in names if name in PARALLEL]
     if jobs > 1 and len(parallel) > 1:
         return (sum(expected[n] for n in names if n not in PARALLEL) +
